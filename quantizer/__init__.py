@@ -1,0 +1,3 @@
+"""coder-quant: one-pass, selectively preserved GGUF builder."""
+
+__version__ = "0.1.0"

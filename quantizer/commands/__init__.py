@@ -1,0 +1,1 @@
+"""Sub-commands of `coder-quant`; each module exposes register(subparsers)."""
