@@ -1,0 +1,88 @@
+"""HF checkpoint -> GGUF in one pass: read source, plan, write. The library side of `coder-quant build`."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from quantizer import arch as arch_registry
+from quantizer.errors import QuantError
+from quantizer.imatrix import check_against, load_imatrix
+from quantizer.plan import Plan, make_plan
+from quantizer.recipes import KEEP, Recipe, get_recipe
+from quantizer.source import Checkpoint, open_checkpoint
+from quantizer.spec import TensorSpec
+from quantizer.vocab import load_vocab
+from quantizer.writer import ProgressFn, Provenance, WriteResult, write_gguf
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    plan: Plan
+    written: WriteResult
+
+
+def checkpoint_specs(checkpoint: Checkpoint) -> list[TensorSpec]:
+    """Every output tensor of a checkpoint, in the order the reference converter writes them."""
+    module = arch_registry.get_arch(checkpoint.config)
+    return module.specs_from_config(checkpoint.config, checkpoint.names, checkpoint.order)
+
+
+def validate_sources(checkpoint: Checkpoint, specs: list[TensorSpec]) -> None:
+    """Every source tensor exists with the shape and a dtype the transforms expect."""
+    module = arch_registry.get_arch(checkpoint.config)
+    for spec in specs:
+        for name, shape in module.expected_source_shapes(spec, checkpoint.config):
+            entry = checkpoint.entry(name)
+            if entry.shape != tuple(shape):
+                raise QuantError(f"checkpoint tensor {name!r} has shape {list(entry.shape)}, "
+                                 f"config.json implies {list(shape)}")
+            if entry.dtype not in ("BF16", "F16", "F32"):
+                raise QuantError(f"checkpoint tensor {name!r} has dtype {entry.dtype}; need BF16, F16 or F32")
+
+
+def _rule_text(recipe: Recipe) -> tuple[str, ...]:
+    return tuple(f"{r.pattern}={r.type if r.type != KEEP else 'keep'} ({r.label})" for r in recipe.rules)
+
+
+def build_gguf(
+    source: str | Path,
+    out: str | Path,
+    *,
+    recipe: str | None = None,
+    rules: tuple[str, ...] | list[str] = (),
+    imatrix: str | Path | None = None,
+    threads: int = 1,
+    force: bool = False,
+    progress: ProgressFn | None = None,
+) -> BuildResult:
+    """Convert (and selectively quantize) a Hugging Face checkpoint folder into one GGUF file."""
+    out = Path(out)
+    if out.exists() and not force:
+        raise QuantError(f"{out} exists (use --force to overwrite)")
+    chosen = get_recipe(recipe, tuple(rules))
+    checkpoint = open_checkpoint(source)
+    module = arch_registry.get_arch(checkpoint.config)
+    specs = checkpoint_specs(checkpoint)
+    validate_sources(checkpoint, specs)
+    vocab = load_vocab(checkpoint.path, checkpoint.config)
+    weights = check_against(load_imatrix(imatrix), specs) if imatrix is not None else None
+    plan = make_plan(specs, chosen)
+    logger.info("plan: %d tensors, %d bytes of tensor data (recipe %s)", len(plan.entries), plan.tensor_bytes, chosen.name)
+    provenance = Provenance(
+        recipe=chosen.name,
+        rules=_rule_text(chosen),
+        sources=tuple(checkpoint.digests(progress)),
+        imatrix_file=Path(weights.path).name if weights is not None else None,
+        imatrix_sha256=weights.sha256 if weights is not None else None,
+    )
+    try:
+        written = write_gguf(out, checkpoint, module, plan.entries, vocab, provenance,
+                             imatrix=weights.entries if weights is not None else None,
+                             threads=threads, force=force, progress=progress)
+    finally:
+        checkpoint.close()
+    return BuildResult(plan, written)

@@ -1,0 +1,83 @@
+"""`coder-quant build SRC_DIR OUT.gguf`: convert a checkpoint and quantize its routed experts in one pass."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from tqdm import tqdm
+
+from quantizer.build import build_gguf
+from quantizer.recipes import DEFAULT_RECIPE, PRESETS
+
+PHASE_LABELS = {"hash": "hashing source", "write": "writing GGUF"}
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "build",
+        help="convert a Hugging Face checkpoint to GGUF, quantizing only what the recipe says",
+        description="Convert SRC_DIR (config.json, safetensors, tokenizer) to OUT.gguf in one pass. "
+        "Tensors the recipe keeps are written exactly as llama.cpp's convert_hf_to_gguf.py --outtype bf16 "
+        "writes them; the others are quantized with llama.cpp's own code.",
+    )
+    p.add_argument("source", type=Path, metavar="SRC_DIR", help="Hugging Face checkpoint folder")
+    p.add_argument("out", type=Path, metavar="OUT.gguf", help="output file")
+    p.add_argument("--recipe", default=DEFAULT_RECIPE, choices=sorted(PRESETS),
+                   help=f"precision preset (default {DEFAULT_RECIPE})")
+    p.add_argument("--rule", action="append", default=[], metavar="REGEX=TYPE",
+                   help="extra rule placed before the preset's (first match wins); repeatable")
+    p.add_argument("--imatrix", type=Path, default=None, metavar="FILE",
+                   help="importance matrix (llama-imatrix GGUF or legacy .dat)")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                   help="quantization threads (default: all CPU cores)")
+    p.add_argument("--force", action="store_true", help="overwrite OUT.gguf if it exists")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or summary")
+    p.set_defaults(handler=run)
+
+
+class _Bars:
+    """One tqdm bar per phase, created when the phase first reports."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.bars: dict[str, tqdm] = {}
+
+    def __call__(self, phase: str, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        bar = self.bars.get(phase)
+        if bar is None:
+            self.close()  # the previous phase is over
+            bar = tqdm(desc=PHASE_LABELS.get(phase, phase), total=total, unit="B", unit_scale=True,
+                       unit_divisor=1024, file=sys.stderr, dynamic_ncols=True)
+            self.bars[phase] = bar
+        bar.update(done - bar.n)
+
+    def close(self) -> None:
+        for bar in self.bars.values():
+            bar.close()
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.threads < 1:
+        print("coder-quant: error: --threads must be at least 1", file=sys.stderr)
+        return 2
+    # gguf-py's writer logs its own file plan at INFO; only its warnings matter here
+    logging.getLogger("gguf").setLevel(logging.WARNING)
+    if args.quiet:
+        logging.getLogger().setLevel(logging.WARNING)
+    bars = _Bars(enabled=not args.quiet)
+    try:
+        result = build_gguf(args.source, args.out, recipe=args.recipe, rules=args.rule, imatrix=args.imatrix,
+                            threads=args.threads, force=args.force, progress=bars)
+    finally:
+        bars.close()
+    if not args.quiet:
+        written = result.written
+        print(f"{written.path}: {written.nbytes:,} bytes, {written.tensors} tensors, recipe {result.plan.recipe}")
+        print(f"sha256 {written.sha256}")
+    return 0

@@ -1,0 +1,69 @@
+"""`coder-quant verify SRC_DIR OUT.gguf`: prove preserved tensors bit-identical, measure quantized ones."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from tqdm import tqdm
+
+from quantizer.verify import DEFAULT_MAX_RELATIVE_RMS, VerifyReport, verify_gguf
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "verify",
+        help="check a GGUF against its source checkpoint, tensor by tensor",
+        description="Re-read SRC_DIR and OUT.gguf. Tensors in their reference type must be bit-identical "
+        "to what the source gives; quantized tensors report their relative RMS error; the sha256 "
+        "sidecar, if present, must match. Exits 1 naming the first tensor that fails.",
+    )
+    p.add_argument("source", type=Path, metavar="SRC_DIR", help="Hugging Face checkpoint folder")
+    p.add_argument("gguf", type=Path, metavar="OUT.gguf", help="GGUF built from it")
+    p.add_argument("--max-rms", type=float, default=DEFAULT_MAX_RELATIVE_RMS, metavar="X",
+                   help=f"fail a quantized tensor whose relative RMS error exceeds X (default {DEFAULT_MAX_RELATIVE_RMS:g})")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or table; only the verdict")
+    p.set_defaults(handler=run)
+
+
+def format_table(report: VerifyReport) -> str:
+    width = max((len(c.name) for c in report.checks), default=4)
+    lines = [f"{'tensor':<{width}}  {'class':<13}  {'type':<8}  {'status':<9}  rel. RMS"]
+    for c in report.checks:
+        rms = "-" if c.status in ("identical", "converted") else f"{c.relative_rms:.4g}"
+        lines.append(f"{c.name:<{width}}  {c.tclass:<13}  {c.type:<8}  {c.status:<9}  {rms}")
+    return "\n".join(lines)
+
+
+def summary(report: VerifyReport) -> str:
+    counts: dict[str, int] = {}
+    for c in report.checks:
+        counts[c.status] = counts.get(c.status, 0) + 1
+    parts = ", ".join(f"{n} {status}" for status, n in counts.items())
+    quantized = [c.relative_rms for c in report.checks if c.status == "quantized"]
+    worst = f"; worst quantized relative RMS {max(quantized):.4g}" if quantized else ""
+    return f"{report.path}: {len(report.checks)} tensors: {parts}{worst}; sha256 sidecar {report.sidecar}"
+
+
+def run(args: argparse.Namespace) -> int:
+    bar: tqdm | None = None
+
+    def progress(phase: str, done: int, total: int) -> None:
+        nonlocal bar
+        if args.quiet:
+            return
+        if bar is None:
+            bar = tqdm(desc="verifying", total=total, unit="tensor", file=sys.stderr, dynamic_ncols=True)
+        bar.update(done - bar.n)
+
+    try:
+        report = verify_gguf(args.source, args.gguf, max_relative_rms=args.max_rms, progress=progress)
+    finally:
+        if bar is not None:
+            bar.close()
+    if not args.quiet:
+        print(format_table(report))
+    print(summary(report))
+    report.raise_for_failures()
+    return 0

@@ -1,0 +1,233 @@
+"""Check a written GGUF against its source checkpoint, tensor by tensor.
+
+Tensors stored in their reference type (what `convert_hf_to_gguf.py --outtype bf16` writes) must
+hold exactly the bytes the architecture module builds from the source. Other float types must be
+the exact conversion of those values. Quantized tensors are dequantized with ggml's own code and
+their error is measured relative to the values llama-quantize would have read (RMS of the error
+over RMS of the values). The sha256 sidecar, when present, must match the file.
+
+`verify_gguf` returns one record per tensor; problems are recorded, not raised, so the caller can
+show the whole table before `VerifyReport.raise_for_failures` names the first failing tensor.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Literal
+
+import numpy as np
+from gguf import GGUFReader
+from gguf.gguf_reader import ReaderTensor
+
+from quantizer import arch as arch_registry
+from quantizer import ggml
+from quantizer.arch.base import bf16_to_f32, f32_to_bf16
+from quantizer.build import checkpoint_specs
+from quantizer.errors import VerifyError
+from quantizer.inspect import field_value, open_gguf
+from quantizer.source import Checkpoint, open_checkpoint
+from quantizer.spec import TensorSpec
+from quantizer.writer import sidecar_path
+
+logger = logging.getLogger(__name__)
+
+ProgressFn = Callable[[str, int, int], None]  # (phase, tensors done, tensors total)
+Status = Literal["identical", "converted", "quantized", "mismatch"]
+SidecarStatus = Literal["ok", "absent"]
+FLOAT_TYPES = frozenset({"f32", "bf16", "f16"})
+
+# A quantized tensor whose error is as large as its values holds garbage, whatever the type:
+# the lowest-bit types llama.cpp has stay well below this on real weights.
+DEFAULT_MAX_RELATIVE_RMS = 1.0
+
+
+@dataclass(frozen=True)
+class TensorCheck:
+    name: str
+    tclass: str
+    type: str  # stored type, llama.cpp name in lower case
+    base_type: str  # the reference converter's type
+    status: Status
+    relative_rms: float  # 0.0 for exact tensors
+    detail: str = ""  # why a tensor failed
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    path: Path
+    sha256: str
+    sidecar: SidecarStatus
+    checks: tuple[TensorCheck, ...]
+
+    @property
+    def failures(self) -> tuple[TensorCheck, ...]:
+        return tuple(c for c in self.checks if c.status == "mismatch")
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+    def raise_for_failures(self) -> None:
+        if self.failures:
+            first = self.failures[0]
+            more = f" ({len(self.failures) - 1} more tensors failed)" if len(self.failures) > 1 else ""
+            raise VerifyError(f"{self.path.name}: tensor {first.name}: {first.detail}{more}")
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def check_sidecar(path: Path) -> tuple[str, SidecarStatus]:
+    """sha256 of the file and whether its `.sha256` sidecar agrees; a disagreement raises."""
+    digest = file_sha256(path)
+    side = sidecar_path(Path(path))
+    if not side.is_file():
+        return digest, "absent"
+    recorded = side.read_text(encoding="utf-8").split()
+    if not recorded or recorded[0].lower() != digest:
+        raise VerifyError(f"{path.name}: sha256 {digest} does not match {side.name} ({recorded[0] if recorded else 'empty'})")
+    return digest, "ok"
+
+
+def stored_shape(tensor: ReaderTensor, expected: tuple[int, ...]) -> tuple[int, ...]:
+    """GGUF ne reversed into numpy order; trailing size-1 dims some writers drop are restored."""
+    ne = [int(n) for n in tensor.shape]
+    ne += [1] * (len(expected) - len(ne))
+    return tuple(reversed(ne))
+
+
+def source_slices(checkpoint: Checkpoint, module: ModuleType, spec: TensorSpec, f32: bool) -> Iterator[np.ndarray]:
+    """The reference values of a tensor in slices along axis 0: one expert at a time when stacked."""
+    build = module.tensor_f32 if f32 else module.build_tensor
+    if spec.transform != "stack":
+        yield build(checkpoint, spec)
+        return
+    for source in spec.sources:
+        yield build(checkpoint, dataclasses.replace(spec, sources=(source,), shape=spec.shape[1:], transform="copy"))
+
+
+def stored_slices(data: np.ndarray, count: int) -> Iterator[np.ndarray]:
+    """The tensor's raw bytes cut into `count` equal, consecutive parts (experts are row-major)."""
+    flat = data.reshape(-1).view(np.uint8)
+    step = flat.size // count
+    for i in range(count):
+        yield flat[i * step : (i + 1) * step]
+
+
+def _expected_bytes(values: np.ndarray, stored: str, base: str) -> np.ndarray:
+    """Exact conversion of reference values (base type) into another float type."""
+    if stored == base:
+        return values
+    as_f32 = bf16_to_f32(values) if base == "bf16" else values.astype(np.float32)
+    if stored == "f32":
+        return as_f32
+    if stored == "bf16":
+        return f32_to_bf16(as_f32)
+    return as_f32.astype(np.float16)
+
+
+def _first_difference(got: np.ndarray, want: np.ndarray) -> int:
+    return int(np.flatnonzero(got != want)[0])
+
+
+def check_exact(checkpoint: Checkpoint, module: ModuleType, spec: TensorSpec, stored: str, data: np.ndarray) -> TensorCheck:
+    status: Status = "identical" if stored == spec.base_type else "converted"
+    n = len(spec.sources) if spec.transform == "stack" else 1
+    offset = 0
+    for got, values in zip(stored_slices(data, n), source_slices(checkpoint, module, spec, f32=False), strict=True):
+        want = np.ascontiguousarray(_expected_bytes(values, stored, spec.base_type)).reshape(-1).view(np.uint8)
+        if got.size != want.size or not np.array_equal(got, want):
+            where = _first_difference(got, want) if got.size == want.size else -1
+            detail = (f"stored {stored} bytes differ from the source at byte {offset + where}" if where >= 0
+                      else f"stored {got.size} bytes where the source gives {want.size}")
+            return TensorCheck(spec.name, spec.tclass, stored, spec.base_type, "mismatch", float("nan"), detail)
+        offset += got.size
+    return TensorCheck(spec.name, spec.tclass, stored, spec.base_type, status, 0.0)
+
+
+def check_quantized(checkpoint: Checkpoint, module: ModuleType, spec: TensorSpec, stored: str, data: np.ndarray,
+                    max_relative_rms: float) -> TensorCheck:
+    n = len(spec.sources) if spec.transform == "stack" else 1
+    slice_shape = spec.shape[1:] if spec.transform == "stack" else spec.shape
+    err2 = ref2 = 0.0
+    for raw, ref in zip(stored_slices(data, n), source_slices(checkpoint, module, spec, f32=True), strict=True):
+        values = ggml.dequantize(raw, stored, slice_shape)
+        if not np.isfinite(values).all():
+            return TensorCheck(spec.name, spec.tclass, stored, spec.base_type, "mismatch", float("nan"),
+                               f"dequantized {stored} data holds NaN or infinity")
+        diff = values.astype(np.float64) - ref
+        err2 += float(np.dot(diff.reshape(-1), diff.reshape(-1)))
+        ref2 += float(np.dot(ref.reshape(-1).astype(np.float64), ref.reshape(-1).astype(np.float64)))
+    rel = float(np.sqrt(err2 / ref2)) if ref2 > 0 else float(np.sqrt(err2))
+    if not rel <= max_relative_rms:
+        return TensorCheck(spec.name, spec.tclass, stored, spec.base_type, "mismatch", rel,
+                           f"{stored} relative RMS error {rel:.3g} exceeds {max_relative_rms:g}")
+    return TensorCheck(spec.name, spec.tclass, stored, spec.base_type, "quantized", rel)
+
+
+def tensor_bytes(reader: GGUFReader, tensor: ReaderTensor) -> np.ndarray:
+    start = int(tensor.data_offset)
+    return reader.data[start : start + int(tensor.n_bytes)]
+
+
+def check_tensor(checkpoint: Checkpoint, module: ModuleType, spec: TensorSpec, reader: GGUFReader,
+                 tensor: ReaderTensor | None, max_relative_rms: float) -> TensorCheck:
+    if tensor is None:
+        return TensorCheck(spec.name, spec.tclass, "-", spec.base_type, "mismatch", float("nan"), "missing from the GGUF")
+    stored = tensor.tensor_type.name.lower()
+    if stored_shape(tensor, spec.shape) != spec.shape:
+        return TensorCheck(spec.name, spec.tclass, stored, spec.base_type, "mismatch", float("nan"),
+                           f"shape {list(stored_shape(tensor, spec.shape))}, the source gives {list(spec.shape)}")
+    if stored in FLOAT_TYPES:
+        return check_exact(checkpoint, module, spec, stored, tensor_bytes(reader, tensor))
+    return check_quantized(checkpoint, module, spec, stored, tensor_bytes(reader, tensor), max_relative_rms)
+
+
+def _check_architecture(reader: GGUFReader, module: ModuleType, path: Path) -> None:
+    field = reader.fields.get("general.architecture")
+    arch = field_value(field) if field is not None else None
+    if arch != module.GGUF_ARCH:
+        raise VerifyError(f"{path.name}: general.architecture is {arch!r}, the source is {module.GGUF_ARCH!r}")
+
+
+def verify_gguf(
+    source: str | Path,
+    gguf_path: str | Path,
+    *,
+    max_relative_rms: float = DEFAULT_MAX_RELATIVE_RMS,
+    progress: ProgressFn | None = None,
+) -> VerifyReport:
+    """Check every tensor of `gguf_path` against the checkpoint folder `source`."""
+    path = Path(gguf_path)
+    reader = open_gguf(path)
+    digest, sidecar = check_sidecar(path)
+    checkpoint = open_checkpoint(source)
+    try:
+        module = arch_registry.get_arch(checkpoint.config)
+        _check_architecture(reader, module, path)
+        specs = checkpoint_specs(checkpoint)
+        stored = {t.name: t for t in reader.tensors}
+        extra = sorted(set(stored) - {s.name for s in specs})
+        if extra:
+            raise VerifyError(f"{path.name}: tensor {extra[0]} has no counterpart in the source")
+        checks = []
+        for i, spec in enumerate(specs):
+            check = check_tensor(checkpoint, module, spec, reader, stored.get(spec.name), max_relative_rms)
+            logger.debug("%s: %s %s %.3g", spec.name, check.type, check.status, check.relative_rms)
+            checks.append(check)
+            if progress is not None:
+                progress("verify", i + 1, len(specs))
+    finally:
+        checkpoint.close()
+    return VerifyReport(path, digest, sidecar, tuple(checks))

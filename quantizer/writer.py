@@ -1,0 +1,230 @@
+"""Carry out a plan: stream every tensor into a GGUF, atomically, with a sha256 sidecar.
+
+Tensor infos and metadata go first (GGUFWriter: header, key/values, tensor infos), then each
+tensor is built, converted or quantized and written in turn, so memory stays bounded by the
+largest tensor. The file is written as OUT.partial, fsynced and renamed; on any error, or
+Ctrl-C, the partial file is removed and nothing appears at OUT.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Protocol
+
+import gguf
+import numpy as np
+from gguf import GGMLQuantizationType, LlamaFileType
+
+from quantizer import __version__, ggml
+from quantizer.arch.base import add_general_metadata, f32_to_bf16
+from quantizer.errors import QuantError
+from quantizer.source import Checkpoint
+from quantizer.spec import TensorSpec
+from quantizer.vocab import Vocab, add_vocab
+
+logger = logging.getLogger(__name__)
+
+ProgressFn = Callable[[str, int, int], None]  # (phase, bytes done, bytes total)
+
+# Our own provenance keys; `coder-quant inspect` prints everything under the prefix.
+KEY_PREFIX = "coder_quant."
+KEY_VERSION = KEY_PREFIX + "version"
+KEY_RECIPE = KEY_PREFIX + "recipe"
+KEY_RULES = KEY_PREFIX + "recipe.rules"  # "PATTERN=TYPE (label)" per rule, first match wins
+KEY_IMATRIX_FILE = KEY_PREFIX + "imatrix.file"
+KEY_IMATRIX_SHA256 = KEY_PREFIX + "imatrix.sha256"
+KEY_SOURCE_FILES = KEY_PREFIX + "source.files"
+KEY_SOURCE_SHA256 = KEY_PREFIX + "source.sha256"  # parallel to source.files
+
+
+class PlannedTensor(Protocol):
+    """One plan entry as the writer needs it (quantizer.plan.PlanEntry)."""
+
+    spec: TensorSpec
+    type: str
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """What the output records about how it was made."""
+
+    recipe: str
+    rules: tuple[str, ...]
+    sources: tuple[tuple[str, str], ...]  # (file name, sha256)
+    imatrix_file: str | None = None
+    imatrix_sha256: str | None = None
+
+
+@dataclass(frozen=True)
+class WriteResult:
+    path: Path
+    sha256: str
+    nbytes: int
+    tensors: int
+
+
+def partial_path(out: Path) -> Path:
+    return out.with_name(out.name + ".partial")
+
+
+def sidecar_path(out: Path) -> Path:
+    return out.with_name(out.name + ".sha256")
+
+
+def file_type(entries: Sequence[PlannedTensor]) -> LlamaFileType:
+    """general.file_type: llama.cpp's file type for the quantized type holding the most bytes
+    (as llama-quantize names a mix after its target), or the dominant float type if none."""
+    by_bytes: Counter[str] = Counter()
+    for entry in entries:
+        by_bytes[entry.type] += entry.nbytes
+    quantized = Counter({t: n for t, n in by_bytes.items() if ggml.is_quantized(t)})
+    ranked = (quantized or by_bytes).most_common(1)
+    dominant = ranked[0][0].upper() if ranked else "BF16"
+    for name in ("ALL_" + dominant, "MOSTLY_" + dominant, f"MOSTLY_{dominant}_M", f"MOSTLY_{dominant}_S"):
+        if name in LlamaFileType.__members__:
+            return LlamaFileType[name]
+    return LlamaFileType.GUESSED
+
+
+def _add_provenance(writer: gguf.GGUFWriter, prov: Provenance) -> None:
+    writer.add_string(KEY_VERSION, __version__)
+    writer.add_string(KEY_RECIPE, prov.recipe)
+    writer.add_array(KEY_RULES, list(prov.rules))
+    if prov.imatrix_file is not None:
+        writer.add_string(KEY_IMATRIX_FILE, prov.imatrix_file)
+        writer.add_string(KEY_IMATRIX_SHA256, prov.imatrix_sha256 or "")
+    writer.add_array(KEY_SOURCE_FILES, [name for name, _ in prov.sources])
+    writer.add_array(KEY_SOURCE_SHA256, [digest for _, digest in prov.sources])
+
+
+def tensor_data(checkpoint: Checkpoint, arch: ModuleType, entry: PlannedTensor,
+                imatrix: Mapping[str, np.ndarray] | None, threads: int) -> np.ndarray:
+    """The bytes (as an array) of one tensor in its planned type."""
+    spec = entry.spec
+    if entry.type == spec.base_type:
+        return arch.build_tensor(checkpoint, spec)
+    values = arch.tensor_f32(checkpoint, spec)
+    if entry.type == "f32":
+        return values
+    if entry.type == "bf16":
+        return f32_to_bf16(values)
+    if entry.type == "f16":
+        return values.astype(np.float16)
+    weights = None if imatrix is None else imatrix.get(spec.name)
+    return ggml.quantize(values, entry.type, weights, threads)
+
+
+def _build_writer(checkpoint: Checkpoint, arch: ModuleType, entries: Sequence[PlannedTensor], vocab: Vocab,
+                  prov: Provenance) -> gguf.GGUFWriter:
+    writer = gguf.GGUFWriter(path=None, arch=arch.GGUF_ARCH)
+    for entry in entries:
+        qtype = GGMLQuantizationType[entry.type.upper()]
+        # element shape with a non-uint8 dtype: GGUFWriter then keeps the shape as given
+        writer.add_tensor_info(entry.spec.name, entry.spec.shape, np.dtype(np.float32), entry.nbytes, raw_dtype=qtype)
+    # key order as the reference writes it: general.*, hyper-parameters, quantization version, tokenizer
+    add_general_metadata(writer, checkpoint.path)
+    arch.add_hparams(writer, checkpoint.config, int(file_type(entries)))
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    add_vocab(writer, vocab)
+    _add_provenance(writer, prov)
+    return writer
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return  # not supported on this platform
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_sidecar(out: Path, digest: str) -> None:
+    side, tmp = sidecar_path(out), partial_path(sidecar_path(out))
+    tmp.write_text(f"{digest}  {out.name}\n", encoding="utf-8")
+    os.replace(tmp, side)
+
+
+def write_gguf(
+    out: Path,
+    checkpoint: Checkpoint,
+    arch: ModuleType,
+    entries: Sequence[PlannedTensor],
+    vocab: Vocab,
+    provenance: Provenance,
+    *,
+    imatrix: Mapping[str, np.ndarray] | None = None,
+    threads: int = 1,
+    force: bool = False,
+    progress: ProgressFn | None = None,
+) -> WriteResult:
+    """Write `entries` (in order) from `checkpoint` to `out`; all or nothing."""
+    out = Path(out)
+    if out.exists() and not force:
+        raise QuantError(f"{out} exists (use --force to overwrite)")
+    if not out.parent.is_dir():
+        raise QuantError(f"{out.parent} is not a directory")
+    partial = partial_path(out)
+    writer = _build_writer(checkpoint, arch, entries, vocab, provenance)
+    try:
+        digest, size = _stream(writer, partial, checkpoint, arch, entries, imatrix, threads, progress)
+        if out.exists():
+            sidecar_path(out).unlink(missing_ok=True)  # never leave a stale digest beside a new file
+        os.replace(partial, out)
+        _fsync_dir(out.parent)
+        _write_sidecar(out, digest)
+    except BaseException:
+        writer.close()
+        partial.unlink(missing_ok=True)
+        partial_path(sidecar_path(out)).unlink(missing_ok=True)
+        raise
+    logger.info("wrote %s: %d tensors, %d bytes", out, len(entries), size)
+    return WriteResult(out, digest, size, len(entries))
+
+
+def _stream(writer: gguf.GGUFWriter, partial: Path, checkpoint: Checkpoint, arch: ModuleType,
+            entries: Sequence[PlannedTensor], imatrix: Mapping[str, np.ndarray] | None, threads: int,
+            progress: ProgressFn | None) -> tuple[str, int]:
+    """Header, metadata and tensor infos, then each tensor's data; returns (sha256, size)."""
+    writer.write_header_to_file(path=partial)
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    assert writer.fout is not None
+    fout = writer.fout[0]
+    fout.flush()
+    digest = hashlib.sha256()
+    with partial.open("rb") as head:
+        digest.update(head.read())
+    total, done = sum(e.nbytes for e in entries), 0
+    for entry in entries:
+        data = tensor_data(checkpoint, arch, entry, imatrix, threads)
+        if data.nbytes != entry.nbytes:
+            raise QuantError(f"{entry.spec.name}: built {data.nbytes} bytes, plan says {entry.nbytes}")
+        start = fout.tell()
+        writer.write_tensor_data(data)
+        # alignment padding written around the data is zeros; hash the exact bytes on disk
+        lead = fout.tell() - start - data.nbytes
+        before = (-start) % writer.data_alignment
+        digest.update(bytes(before))
+        digest.update(memoryview(np.ascontiguousarray(data)).cast("B"))
+        digest.update(bytes(lead - before))
+        del data
+        checkpoint.release()
+        done += entry.nbytes
+        if progress is not None:
+            progress("write", done, total)
+    fout.flush()
+    os.fsync(fout.fileno())
+    size = fout.tell()
+    writer.close()
+    return digest.hexdigest(), size

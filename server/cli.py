@@ -1,0 +1,136 @@
+"""`coder-serve [MODEL.gguf] [options]`: a thin shell over Settings, create_app and uvicorn.
+
+Flags map one to one onto server.settings.Settings; a flag left out keeps the CODER_SERVE_* variable or
+the default there. `--plan` prints where the model's tensors would go and exits without loading it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from server import __version__
+
+# flag -> Settings field, for flags whose value is copied as given.
+FLAG_FIELDS = (
+    "host", "port", "gpu_layers", "cpu_moe_layers", "ctx_size", "threads", "batch", "alias",
+    "api_key", "max_queue", "max_body_bytes", "log_level", "cache_dir",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="coder-serve", description=__doc__.splitlines()[0].split(": ", 1)[1])
+    p.add_argument("model", nargs="?", type=Path, metavar="MODEL.gguf",
+                   help="GGUF to serve (default: the built-in demo model, built on first run)")
+    p.add_argument("--version", action="version", version=f"coder-serve {__version__}")
+    p.add_argument("--host", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, help="port (default 8080)")
+    p.add_argument("--gpu-layers", metavar="attn|all|none|N",
+                   help="what goes to the GPU: attn = all layers but routed experts (default), all, none, "
+                        "or the last N layers")
+    p.add_argument("--cpu-moe-layers", type=int, metavar="N", help="keep routed experts of the first N layers in RAM")
+    p.add_argument("--ctx-size", type=int, metavar="N", help="context length in tokens (0: the model's own)")
+    p.add_argument("--threads", type=int, metavar="N", help="CPU threads (default: llama.cpp's choice)")
+    p.add_argument("--batch", type=int, metavar="N", help="prompt tokens per evaluation step")
+    p.add_argument("--alias", metavar="NAME", help="model id shown to clients (default: the file name)")
+    p.add_argument("--api-key", metavar="KEY", help="require 'Authorization: Bearer KEY' (or CODER_SERVE_API_KEY)")
+    p.add_argument("--cors-origin", dest="cors_origins", action="extend", nargs="+", metavar="ORIGIN",
+                   help="allow browser requests from these origins (CORS is off by default)")
+    p.add_argument("--max-queue", type=int, metavar="N", help="requests waiting behind the running one (default 16)")
+    p.add_argument("--max-body-bytes", type=int, metavar="N", help="largest request body (default 8 MiB)")
+    p.add_argument("--cache-dir", type=Path, metavar="DIR", help="where the demo model is built")
+    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    p.add_argument("--plan", action="store_true", help="print the tensor placement and exit without loading")
+    p.add_argument("--json", action="store_true", help="with --plan: print the plan as JSON")
+    return p
+
+
+def settings_from_args(args: argparse.Namespace) -> Any:
+    from server.settings import Settings
+
+    values: dict[str, Any] = {name: getattr(args, name) for name in FLAG_FIELDS if getattr(args, name) is not None}
+    if args.model is not None:
+        values["model"] = args.model
+    if args.cors_origins:
+        values["cors_origins"] = args.cors_origins
+    return Settings(**values)
+
+
+def _first_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    name = ".".join(str(p) for p in err.get("loc", ())) or "settings"
+    return f"--{name.replace('_', '-')}: {err.get('msg', 'invalid value')}"
+
+
+def _plan(settings: Any, as_json: bool) -> int:
+    from server.placement import PlacementError, plan_for_gguf
+
+    if settings.model is None:
+        from server.demo import ensure_demo_model
+
+        settings = settings.model_copy(update={"model": ensure_demo_model(settings.cache_dir)})
+    try:
+        plan = plan_for_gguf(str(settings.model), settings)
+    except (PlacementError, ValueError, OSError) as exc:
+        print(f"coder-serve: error: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(plan.to_json(), indent=2) if as_json else plan.render())
+    return 0
+
+
+def _serve(settings: Any) -> int:
+    import uvicorn
+
+    from server.app import create_app, create_engine
+
+    engine = create_engine(settings)
+    app = create_app(settings, engine)
+    server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port,
+                                           log_level=settings.log_level, access_log=False))
+
+    def stop_if_load_failed() -> None:
+        if engine.wait_loaded() == "failed":
+            server.should_exit = True
+
+    engine_watch = threading.Thread(target=stop_if_load_failed, name="load-watch", daemon=True)
+    try:
+        engine.start()
+        engine_watch.start()
+        server.run()
+    finally:
+        failed = engine.state == "failed"
+        engine.close()
+    if failed or not server.started:
+        print("coder-serve: error: the server did not start (see the log above)", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = settings_from_args(args)
+    except ValidationError as exc:
+        print(f"coder-serve: error: {_first_error(exc)}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if settings.model is not None and not Path(settings.model).is_file():
+        print(f"coder-serve: error: model file not found: {settings.model}", file=sys.stderr)
+        return 1
+    if args.json and not args.plan:
+        print("coder-serve: error: --json only applies to --plan", file=sys.stderr)
+        return 2
+    if args.plan:
+        return _plan(settings, args.json)
+    return _serve(settings)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,405 @@
+"""The engine: one llama.cpp model and context, a FIFO of requests, and the worker thread that drives them.
+
+It knows nothing of HTTP. Requests are admitted with `submit()` (bounded queue), run one at a time in
+arrival order, so a new request never interrupts one already streaming; `Job.cancel()` (a client gone)
+stops a generation before its next decode step. Tokens are sampled and decoded one by one here rather
+than through Llama.create_completion, to own cancellation, usage counts, stop strings and logprobs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import logging
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import llama_cpp
+
+from server.errors import ContextLengthExceeded, InvalidRequest, ModelNotReady, QueueFull
+from server.events import Event, Failed, Finished, TextDelta, TokenLogprob, Usage
+from server.logprobs import token_logprob
+from server.sampler import SamplerChain, SamplingParams, check_grammar
+from server.textstream import TextStream
+
+log = logging.getLogger(__name__)
+
+# Builds the model: returns the llama_cpp.Llama and a summary of where its tensors were placed.
+ModelFactory = Callable[[], tuple[Any, dict[str, Any]]]
+EngineState = Literal["idle", "loading", "ready", "failed", "closed"]
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    sampling: SamplingParams
+    max_tokens: int | None = None  # None: until an end-of-generation token or the context is full
+    stop: tuple[str, ...] = ()
+    grammar: str | None = None  # GBNF with a `root` rule
+    logprobs: bool = False
+    top_logprobs: int = 0
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    n_ctx: int
+    n_ctx_train: int
+    n_vocab: int
+    add_bos: bool
+    bos_token: str
+    eos_token: str
+    chat_template: str | None
+    eog_tokens: tuple[int, ...]  # tokens that end a generation (llama_vocab_is_eog)
+    description: str  # llama.cpp's one-line description, e.g. "qwen3next 80B.A3B IQ4_XS"
+    size_bytes: int
+    n_params: int
+    placement: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    state: EngineState
+    busy: bool
+    queue_depth: int  # requests waiting behind the running one
+    completed: int
+    cancellations: int
+    prompt_tokens: int
+    generated_tokens: int
+    prompt_seconds: float
+    decode_seconds: float
+    last_prompt_tps: float
+    last_decode_tps: float
+
+
+class Job:
+    """One admitted request. The worker thread emits events; the event loop reads them."""
+
+    def __init__(self, engine: Engine, tokens: Sequence[int], params: GenerationParams) -> None:
+        self.tokens = tuple(tokens)
+        self.params = params
+        self.status: Literal["waiting", "running", "done"] = "waiting"
+        self.cancel_requested = threading.Event()
+        self._engine = engine
+        self._loop = asyncio.get_running_loop()
+        self._events: asyncio.Queue[Event] = asyncio.Queue()
+
+    def emit(self, event: Event) -> None:
+        """Called from the worker thread."""
+        try:
+            self._loop.call_soon_threadsafe(self._events.put_nowait, event)
+        except RuntimeError:  # the event loop is gone: nobody is listening any more
+            self.cancel_requested.set()
+
+    async def events(self) -> AsyncIterator[Event]:
+        """Events up to and including the final Finished or Failed; leaving early cancels the job."""
+        finished = False
+        try:
+            while not finished:
+                event = await self._events.get()
+                finished = not isinstance(event, TextDelta)
+                yield event
+        finally:
+            if not finished:
+                self.cancel()
+
+    def cancel(self) -> None:
+        self._engine.cancel(self)
+
+
+class Engine:
+    def __init__(self, factory: ModelFactory, *, max_queue: int = 16) -> None:
+        self._factory = factory
+        self._max_queue = max_queue
+        self._cond = threading.Condition()
+        self._context_lock = threading.Lock()  # held while the llama.cpp context is in use
+        self._waiting: deque[Job] = deque()
+        self._active: Job | None = None
+        self._state: EngineState = "idle"
+        self._loaded = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._llama: Any = None
+        self._vocab: Any = None
+        self._info: ModelInfo | None = None
+        self._pieces: dict[int, bytes] = {}
+        self._counts = {"completed": 0, "cancellations": 0, "prompt_tokens": 0, "generated_tokens": 0}
+        self._seconds = {"prompt": 0.0, "decode": 0.0, "last_prompt_tps": 0.0, "last_decode_tps": 0.0}
+        self._mean_job_seconds = 1.0
+
+    # ---- lifecycle ----
+
+    def start(self) -> None:
+        """Load the model on the worker thread and start serving; returns at once."""
+        with self._cond:
+            if self._state != "idle":
+                return
+            self._state = "loading"
+        self._thread = threading.Thread(target=self._run, name="coder-serve-engine", daemon=True)
+        self._thread.start()
+
+    def wait_loaded(self, timeout: float | None = None) -> EngineState:
+        self._loaded.wait(timeout)
+        return self._state
+
+    def close(self) -> None:
+        with self._cond:
+            if self._state == "closed":
+                return
+            thread, self._state = self._thread, "closed"
+            for job in (*self._waiting, *([self._active] if self._active else [])):
+                job.cancel_requested.set()
+            self._waiting.clear()
+            self._cond.notify_all()
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
+        self._release_model()
+
+    def _release_model(self) -> None:
+        with self._context_lock:
+            if self._llama is not None:
+                self._llama.close()
+                self._llama = None
+
+    @property
+    def state(self) -> EngineState:
+        return self._state
+
+    @property
+    def info(self) -> ModelInfo:
+        if self._state != "ready" or self._info is None:
+            raise ModelNotReady("The model is loading; retry shortly" if self._state == "loading" else "The model is not available")
+        return self._info
+
+    # ---- request side (event loop) ----
+
+    def tokenize(self, text: str) -> list[int]:
+        """Text -> tokens, special-token text (e.g. <|fim_prefix|>) parsed as special tokens."""
+        info = self.info
+        return list(self._llama.tokenize(text.encode("utf-8"), add_bos=info.add_bos, special=True))
+
+    def check_grammar(self, gbnf: str) -> None:
+        self.info  # noqa: B018 - raises ModelNotReady before the vocabulary exists
+        check_grammar(self._vocab, gbnf)
+
+    def submit(self, tokens: Sequence[int], params: GenerationParams) -> Job:
+        """Admit a request or raise QueueFull / ContextLengthExceeded / ModelNotReady."""
+        n_ctx = self.info.n_ctx
+        if not tokens:
+            raise InvalidRequest("The prompt is empty", param="prompt")
+        if len(tokens) + (params.max_tokens or 1) > n_ctx:
+            raise ContextLengthExceeded(context_message(n_ctx, len(tokens), params.max_tokens))
+        job = Job(self, tokens, params)
+        with self._cond:
+            if self._state != "ready":
+                raise ModelNotReady("The model is not available")
+            pending = len(self._waiting) + (self._active is not None)
+            if pending > self._max_queue:
+                retry = max(1, min(60, math.ceil(self._mean_job_seconds * pending)))
+                raise QueueFull(f"The server is busy ({pending} requests in progress); retry later", retry_after=retry)
+            self._waiting.append(job)
+            self._cond.notify_all()
+        return job
+
+    def cancel(self, job: Job) -> None:
+        with self._cond:
+            if job.status == "done" or job.cancel_requested.is_set():
+                return
+            job.cancel_requested.set()
+            self._counts["cancellations"] += 1
+            if job.status == "waiting" and job in self._waiting:
+                self._waiting.remove(job)
+                job.status = "done"
+
+    def stats(self) -> EngineStats:
+        with self._cond:
+            return EngineStats(
+                state=self._state,
+                busy=self._active is not None,
+                queue_depth=len(self._waiting),
+                completed=self._counts["completed"],
+                cancellations=self._counts["cancellations"],
+                prompt_tokens=self._counts["prompt_tokens"],
+                generated_tokens=self._counts["generated_tokens"],
+                prompt_seconds=self._seconds["prompt"],
+                decode_seconds=self._seconds["decode"],
+                last_prompt_tps=self._seconds["last_prompt_tps"],
+                last_decode_tps=self._seconds["last_decode_tps"],
+            )
+
+    # ---- worker thread ----
+
+    def _run(self) -> None:
+        if not self._load():
+            return
+        while (job := self._next_job()) is not None:
+            started = time.perf_counter()
+            final: Finished | Failed
+            try:
+                with self._context_lock:
+                    final = self._generate(job)
+            except Exception:
+                log.exception("generation failed")
+                final = Failed(Usage(len(job.tokens), 0))
+            with self._cond:  # done before the client hears of it, so a late cancel() is a no-op
+                self._active, job.status = None, "done"
+                self._counts["completed"] += 1
+                elapsed = time.perf_counter() - started
+                self._mean_job_seconds = 0.8 * self._mean_job_seconds + 0.2 * elapsed
+            job.emit(final)
+
+    def _load(self) -> bool:
+        try:
+            llama, placement = self._factory()
+            info = describe(llama, placement)
+        except Exception:
+            log.exception("the model failed to load")
+            with self._cond:
+                self._state = "failed" if self._state == "loading" else self._state
+            self._loaded.set()
+            return False
+        with self._cond:
+            self._llama, self._vocab, self._info = llama, llama_cpp.llama_model_get_vocab(llama.model), info
+            if self._state == "loading":
+                self._state = "ready"
+        self._loaded.set()
+        log.info("model ready: %s, context %d tokens", info.description, info.n_ctx)
+        return self._state == "ready"
+
+    def _next_job(self) -> Job | None:
+        with self._cond:
+            while not self._waiting and self._state == "ready":
+                self._cond.wait()
+            if self._state != "ready":
+                return None
+            job = self._waiting.popleft()
+            self._active, job.status = job, "running"
+            return job
+
+    def _evaluate_prompt(self, tokens: Sequence[int]) -> int:
+        """Bring the context to hold exactly `tokens`, reusing the longest prefix it already holds.
+
+        The one place prompts are evaluated (a prompt cache for hybrid recurrent models hooks in here).
+        Recurrent state cannot always be cut back to an arbitrary position; then we start over.
+        """
+        llama = self._llama
+        held = llama.n_tokens
+        common = 0
+        for a, b in zip(llama.input_ids[:held].tolist(), tokens, strict=False):
+            if a != b:
+                break
+            common += 1
+        common = min(common, len(tokens) - 1)  # the last prompt token is always evaluated: its logits
+        if common < held:
+            if common > 0 and llama._ctx.kv_cache_seq_rm(0, common, -1):
+                llama.n_tokens = common
+            else:
+                llama.reset()
+                common = 0
+        llama.eval(tokens[common:])
+        return len(tokens) - common
+
+    def _generate(self, job: Job) -> Finished:
+        llama, p, info = self._llama, job.params, self._info
+        n_prompt = len(job.tokens)
+        t0 = time.perf_counter()
+        if job.cancel_requested.is_set():
+            return Finished("cancelled", Usage(n_prompt, 0))
+        n_evaluated = self._evaluate_prompt(job.tokens)
+        t1 = time.perf_counter()
+        limit = info.n_ctx - n_prompt if p.max_tokens is None else min(p.max_tokens, info.n_ctx - n_prompt)
+        text = TextStream(p.stop)
+        logprobs: list[TokenLogprob] = []
+        n_gen, reason = 0, "length"
+        with SamplerChain(self._vocab, info.n_vocab, p.sampling, p.grammar) as sampler:
+            while n_gen < limit:
+                if job.cancel_requested.is_set():
+                    reason = "cancelled"
+                    break
+                token = sampler.sample(llama.ctx)
+                if llama_cpp.llama_vocab_is_eog(self._vocab, token):
+                    reason = "stop"
+                    break
+                n_gen += 1
+                piece = self.piece(token)
+                if p.logprobs:
+                    logprobs.append(token_logprob(llama.ctx, info.n_vocab, token, p.top_logprobs, self.piece))
+                out = text.push(piece)
+                if out or (text.stopped and logprobs):
+                    job.emit(TextDelta(out, tuple(logprobs)))
+                    logprobs = []
+                if text.stopped:
+                    reason = "stop"
+                    break
+                if n_gen < limit:
+                    llama.eval([token])
+        tail = text.flush() if reason != "cancelled" else ""
+        if tail or logprobs:
+            job.emit(TextDelta(tail, tuple(logprobs)))
+        self._record(n_prompt, n_evaluated, n_gen, t1 - t0, time.perf_counter() - t1)
+        return Finished(reason, Usage(n_prompt, n_gen))
+
+    def piece(self, token: int) -> bytes:
+        """A token's bytes (cached)."""
+        piece = self._pieces.get(token)
+        if piece is None:
+            piece = token_piece(self._vocab, token)
+            self._pieces[token] = piece
+        return piece
+
+    def _record(self, n_prompt: int, n_evaluated: int, n_gen: int, prompt_s: float, decode_s: float) -> None:
+        with self._cond:
+            self._counts["prompt_tokens"] += n_prompt
+            self._counts["generated_tokens"] += n_gen
+            self._seconds["prompt"] += prompt_s
+            self._seconds["decode"] += decode_s
+            if prompt_s > 0:
+                self._seconds["last_prompt_tps"] = n_evaluated / prompt_s
+            if decode_s > 0 and n_gen > 1:
+                self._seconds["last_decode_tps"] = (n_gen - 1) / decode_s
+
+
+def token_piece(vocab: Any, token: int) -> bytes:
+    """A token's bytes; special tokens such as <tool_call> are rendered as their text."""
+    buf = ctypes.create_string_buffer(64)
+    n = llama_cpp.llama_token_to_piece(vocab, token, buf, len(buf), 0, True)
+    if n < 0:
+        buf = ctypes.create_string_buffer(-n)
+        n = llama_cpp.llama_token_to_piece(vocab, token, buf, len(buf), 0, True)
+    return buf.raw[:n]
+
+
+def describe(llama: Any, placement: dict[str, Any]) -> ModelInfo:
+    model = llama._model
+    vocab = llama_cpp.llama_model_get_vocab(llama.model)
+    bos, eos = llama.token_bos(), llama.token_eos()
+    return ModelInfo(
+        n_ctx=llama.n_ctx(),
+        n_ctx_train=model.n_ctx_train(),
+        n_vocab=llama.n_vocab(),
+        add_bos=bool(llama_cpp.llama_vocab_get_add_bos(vocab)),
+        bos_token=model.token_get_text(bos) if bos >= 0 else "",
+        eos_token=model.token_get_text(eos) if eos >= 0 else "",
+        chat_template=llama.metadata.get("tokenizer.chat_template"),
+        eog_tokens=tuple(t for t in range(llama.n_vocab()) if llama_cpp.llama_vocab_is_eog(vocab, t)),
+        description=model.desc(),
+        size_bytes=model.size(),
+        n_params=model.n_params(),
+        placement=dict(placement),
+    )
+
+
+def context_message(n_ctx: int, n_prompt: int, max_tokens: int | None) -> str:
+    """OpenAI's wording for context_length_exceeded."""
+    if max_tokens is None:
+        return (
+            f"This model's maximum context length is {n_ctx} tokens. However, your messages resulted in "
+            f"{n_prompt} tokens. Please reduce the length of the messages."
+        )
+    return (
+        f"This model's maximum context length is {n_ctx} tokens. However, you requested "
+        f"{n_prompt + max_tokens} tokens ({n_prompt} in the messages, {max_tokens} in the completion). "
+        "Please reduce the length of the messages or completion."
+    )

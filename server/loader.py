@@ -1,0 +1,255 @@
+"""Load a GGUF through llama.cpp with the placement of `server.placement` carried out.
+
+llama.cpp places tensors by name pattern (`llama_model_params.tensor_buft_overrides`, what
+llama-server's `-ot REGEX=BUFFER` fills). llama-cpp-python's `Llama` builds its model parameters
+itself and has no argument for that field, so `open_model` hands it parameters with the override
+array already set, pointing at the CPU buffer type of the very ggml library llama.cpp was linked
+against. The returned summary reports the placement in effect, with the buffer sizes llama.cpp logged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import functools
+import logging
+import os
+import re
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import llama_cpp
+
+from server.placement import PlacementError, PlacementPlan, format_bytes, plan_for_gguf
+
+log = logging.getLogger(__name__)
+
+MAX_THREADS = 1024
+MAX_BATCH = 1 << 16
+# Used only when the settings object has no such field (llama.cpp's own defaults).
+DEFAULT_BATCH = 2048
+DEFAULT_UBATCH = 512
+
+# llama.cpp log lines that report buffer sizes, by what the buffer holds:
+#   load_tensors:   CPU_Mapped model buffer size =    31.61 MiB
+#   llama_kv_cache:        CPU KV buffer size =     0.50 MiB
+#   llama_memory_recurrent:        CPU RS buffer size =     0.21 MiB
+#   sched_reserve:        CPU compute buffer size =    14.57 MiB
+BUFFER_LINE = re.compile(r"(\S+)\s+(model|KV|RS|compute) buffer size\s*=\s*([\d.]+) MiB")
+BUFFER_KINDS = {"model": "model", "KV": "kv", "RS": "recurrent", "compute": "compute"}
+OVERRIDE_LINE = re.compile(r"tensor (\S+) \(.*\) buffer type overridden to (\S+)")
+
+# Llama.__init__ reads llama_model_default_params() from this module; see _model_params_with.
+_PARAMS_LOCK = threading.Lock()
+
+
+class ModelLoadError(RuntimeError):
+    """llama.cpp refused the model or its placement."""
+
+
+class _TensorBuftOverride(ctypes.Structure):
+    # struct llama_model_tensor_buft_override (include/llama.h)
+    _fields_ = [("pattern", ctypes.c_char_p), ("buft", ctypes.c_void_p)]
+
+
+def is_host_buffer(name: str) -> bool:
+    """Whether a llama.cpp buffer lives in system RAM: CPU, CPU_Mapped, CPU_REPACK, AMX, CUDA_Host..."""
+    return name.startswith("CPU") or name.endswith("_Host") or name == "AMX"
+
+
+def parse_buffer_sizes(text: str) -> dict[str, dict[str, int]]:
+    """Buffer sizes from llama.cpp's log, {kind: {buffer name: bytes}}; MiB to 2 decimals, as logged."""
+    out: dict[str, dict[str, int]] = {kind: {} for kind in BUFFER_KINDS.values()}
+    for name, kind, mib in BUFFER_LINE.findall(text):
+        bucket = out[BUFFER_KINDS[kind]]
+        bucket[name] = bucket.get(name, 0) + round(float(mib) * (1 << 20))
+    return out
+
+
+def reported_bytes(buffers: dict[str, dict[str, int]], host: bool, kinds=("model", "kv", "recurrent")) -> int:
+    return sum(b for kind in kinds for name, b in buffers[kind].items() if is_host_buffer(name) == host)
+
+
+@contextlib.contextmanager
+def capture_llama_log() -> Iterator[list[str]]:
+    """Collect llama.cpp's log text while forwarding it to the logger that was installed before."""
+    previous = llama_cpp.llama_log_callback()
+    previous_data = ctypes.c_void_p()
+    llama_cpp.llama_log_get(ctypes.byref(previous), ctypes.byref(previous_data))
+    chunks: list[str] = []
+
+    @llama_cpp.llama_log_callback
+    def collect(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+        chunks.append(text.decode("utf-8", errors="replace"))
+        if previous:
+            previous(level, text, previous_data)
+
+    llama_cpp.llama_log_set(collect, ctypes.c_void_p(0))
+    try:
+        yield chunks
+    finally:
+        llama_cpp.llama_log_set(previous, previous_data)
+
+
+@functools.cache
+def cpu_buffer_type() -> int:
+    """ggml_backend_cpu_buffer_type() of the ggml that libllama uses (llama.cpp compares the pointer).
+
+    Wheels copy the versioned shared libraries instead of linking them, so opening a libggml file by
+    name can load a second copy; resolving the symbol through the loaded libllama finds the one in use.
+    """
+    candidates = [llama_cpp.llama_cpp._lib]
+    lib_dir = os.path.join(os.path.dirname(llama_cpp.__file__), "lib")
+    for stem in ("ggml-base", "ggml-cpu", "ggml"):
+        for name in (f"lib{stem}.so.0", f"lib{stem}.dylib", f"{stem}.dll", f"lib{stem}.so"):
+            path = os.path.join(lib_dir, name)
+            if os.path.exists(path):
+                candidates.append(path)
+    for candidate in candidates:
+        lib = ctypes.CDLL(candidate) if isinstance(candidate, str) else candidate
+        fn = getattr(lib, "ggml_backend_cpu_buffer_type", None)
+        if fn is not None:
+            fn.argtypes = []
+            fn.restype = ctypes.c_void_p
+            buft = fn()
+            if buft:
+                return int(buft)
+    raise ModelLoadError("ggml_backend_cpu_buffer_type not found in the llama_cpp package's libraries")
+
+
+def build_overrides(patterns: tuple[str, ...]) -> tuple[Any, list[bytes]] | None:
+    """A NULL-terminated override array sending every pattern to the CPU buffer type, and the byte
+    strings it points into (both must outlive the model)."""
+    if not patterns:
+        return None
+    if len(patterns) >= llama_cpp.llama_max_tensor_buft_overrides():
+        raise PlacementError(f"{len(patterns)} tensor overrides exceed llama.cpp's limit")
+    buft = cpu_buffer_type()
+    encoded = [p.encode("ascii") for p in patterns]
+    array = (_TensorBuftOverride * (len(encoded) + 1))()
+    for slot, pattern in zip(array, encoded, strict=False):
+        slot.pattern = pattern
+        slot.buft = buft
+    return array, encoded  # the last slot stays {NULL, NULL}: the terminator
+
+
+@contextlib.contextmanager
+def _model_params_with(overrides: Any) -> Iterator[None]:
+    """Let `Llama.__init__` start from default model parameters that carry our override array.
+
+    `Llama` has no parameter for tensor_buft_overrides and loads the model inside its constructor,
+    so for the duration of that call its parameter factory returns defaults with the field set.
+    """
+    module = llama_cpp.llama_cpp
+    original = module.llama_model_default_params
+
+    def with_overrides() -> Any:
+        params = original()
+        params.tensor_buft_overrides = ctypes.cast(overrides, ctypes.c_void_p) if overrides is not None else None
+        return params
+
+    with _PARAMS_LOCK:
+        module.llama_model_default_params = with_overrides
+        try:
+            yield
+        finally:
+            module.llama_model_default_params = original
+
+
+@functools.cache
+def _warn_no_gpu_once(requested: str) -> None:
+    log.warning("--gpu-layers %s: this llama.cpp build has no GPU backend; running on the CPU", requested)
+
+
+def _int_setting(settings: Any, name: str, default: int | None, low: int, high: int) -> int | None:
+    value = getattr(settings, name, default)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise PlacementError(f"{name} must be an integer between {low} and {high}, got {value!r}")
+    return value
+
+
+def llama_arguments(settings: Any, plan: PlacementPlan, mmap: bool) -> dict[str, Any]:
+    """Keyword arguments for llama_cpp.Llama, every number bounded."""
+    batch = _int_setting(settings, "batch", None, 1, MAX_BATCH) or DEFAULT_BATCH
+    ubatch = _int_setting(settings, "ubatch", None, 1, MAX_BATCH) or DEFAULT_UBATCH
+    kwargs: dict[str, Any] = {
+        "n_gpu_layers": plan.n_gpu_layers,
+        "n_ctx": plan.ctx_size,
+        "n_batch": batch,
+        "n_ubatch": min(ubatch, batch),
+        "use_mmap": mmap,
+        "verbose": bool(getattr(settings, "verbose", False)),
+    }
+    threads = _int_setting(settings, "threads", None, 1, MAX_THREADS)
+    if threads is not None:
+        kwargs["n_threads"] = threads
+        kwargs["n_threads_batch"] = threads
+    flash_attn = getattr(settings, "flash_attn", None)
+    if flash_attn is not None:
+        kwargs["flash_attn"] = bool(flash_attn)
+    return kwargs
+
+
+def choose_mmap(settings: Any, plan: PlacementPlan) -> bool:
+    """mmap unless weights are overridden to the CPU while a GPU is used: then llama.cpp advises
+    loading without it, so those weights land in pinned host memory (src/llama-model-loader.cpp)."""
+    value = getattr(settings, "mmap", None)
+    if value is not None:
+        return bool(value)
+    return not (plan.gpu_backend and plan.overrides)
+
+
+class PlacedLlama(llama_cpp.Llama):
+    """A Llama loaded with tensor-buffer overrides; it owns the override array llama.cpp points into."""
+
+    def __init__(self, model_path: str, *, cpu_patterns: tuple[str, ...] = (), **kwargs: Any) -> None:
+        # Set before loading: the native loader reads the array during __init__, the model keeps it.
+        self.placement_overrides = build_overrides(cpu_patterns)
+        array = self.placement_overrides[0] if self.placement_overrides else None
+        with _model_params_with(array):
+            super().__init__(model_path, **kwargs)
+
+
+def open_model(path: str, settings: Any, **llama_kwargs: Any) -> tuple[llama_cpp.Llama, dict[str, Any]]:
+    """Load `path` with the placement `settings` asks for; returns the model and a summary of the
+    placement in effect (for /health and the startup log). Extra keyword arguments go to Llama."""
+    gpu = bool(llama_cpp.llama_supports_gpu_offload())
+    plan = plan_for_gguf(path, settings, gpu_backend=gpu)
+    if not gpu and plan.preset_requested != "none":
+        _warn_no_gpu_once(plan.preset_requested)
+    mmap = choose_mmap(settings, plan)
+    kwargs = llama_arguments(settings, plan, mmap) | llama_kwargs
+    with capture_llama_log() as chunks:
+        try:
+            model = PlacedLlama(str(path), cpu_patterns=plan.overrides, **kwargs)
+        except ValueError as exc:
+            raise ModelLoadError(f"llama.cpp could not load {path}: {exc}") from exc
+    text = "".join(chunks)
+    buffers = parse_buffer_sizes(text)
+    summary = {
+        "preset_requested": plan.preset_requested,
+        "preset_effective": plan.preset_effective,
+        "gpu_backend": gpu,
+        "n_gpu_layers": plan.n_gpu_layers,
+        "gpu_layers_offloaded": plan.gpu_layer_count(),
+        "layers_total": plan.n_layer_all + 1,
+        "overrides": list(plan.overrides),
+        "overridden_tensors": len(OVERRIDE_LINE.findall(text)),
+        "mmap": mmap,
+        "ctx_size": plan.ctx_size,
+        "gpu_bytes": plan.gpu_bytes,
+        "cpu_bytes": plan.cpu_bytes,
+        "reported_gpu_bytes": reported_bytes(buffers, host=False),
+        "reported_cpu_bytes": reported_bytes(buffers, host=True),
+        "buffers": buffers,
+    }
+    log.info(
+        "placement %s: %d/%d layers on GPU; planned %s GPU, %s CPU; llama.cpp reports %s GPU, %s CPU",
+        plan.preset_effective, summary["gpu_layers_offloaded"], summary["layers_total"],
+        format_bytes(plan.gpu_bytes), format_bytes(plan.cpu_bytes),
+        format_bytes(summary["reported_gpu_bytes"]), format_bytes(summary["reported_cpu_bytes"]),
+    )
+    return model, summary

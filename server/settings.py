@@ -1,0 +1,76 @@
+"""Every default of the server, in one place.
+
+Values come from (highest first) the command line, `CODER_SERVE_*` environment
+variables, then the defaults below. The CLI only maps its flags onto this model.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1", "[::1]"})
+
+
+def is_loopback_host(host: str) -> bool:
+    """True when a bind address only accepts connections from this machine."""
+    name = host.strip("[]")
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CODER_SERVE_", frozen=True, extra="forbid")
+
+    # --- model and placement (read by server.loader / server.placement) ---
+    model: Path | None = None  # GGUF to serve; None serves the built-in demo model
+    alias: str | None = None  # model id clients see; defaults to the file name without .gguf
+    gpu_layers: str = Field("attn", pattern=r"^(attn|all|none|\d+)$")  # what goes to the GPU
+    cpu_moe_layers: int = Field(0, ge=0)  # keep routed experts of the first N layers on the CPU
+    ctx_size: int = Field(32768, ge=0, le=1 << 22)  # tokens of context; 0 uses the model's trained length
+    threads: int | None = Field(None, ge=1, le=1024)  # decode threads; None lets llama.cpp choose
+    batch: int = Field(2048, ge=1, le=65536)  # prompt tokens per llama_decode call (llama.cpp's n_batch)
+    ubatch: int = Field(512, ge=1, le=65536)  # tokens per compute pass within a batch (n_ubatch)
+    flash_attn: bool | None = None  # None leaves llama.cpp's default
+    mmap: bool | None = None  # None: the loader decides (no mmap when experts stay in RAM beside a GPU)
+    verbose: bool = False  # pass llama.cpp's own log through
+    seed: int = Field(0xFFFFFFFF, ge=0, le=0xFFFFFFFF)  # sampling seed when a request has none; max = random
+
+    # --- HTTP ---
+    host: str = "127.0.0.1"  # loopback by default: nothing else on the network can reach the server
+    port: int = Field(8080, ge=0, le=65535)
+    api_key: SecretStr | None = None  # when set, /v1/* and /metrics require "Authorization: Bearer KEY"
+    cors_origins: list[str] = Field(default_factory=list)  # CORS stays off unless origins are given
+    max_queue: int = Field(16, ge=0)  # requests allowed to wait behind the running one; more get 429
+    max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)  # larger request bodies get 413
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    # --- sampling defaults for fields a request leaves out (Qwen3-Coder's recommended values) ---
+    temperature: float = Field(0.7, ge=0.0, le=2.0)
+    top_p: float = Field(0.8, ge=0.0, le=1.0)
+    top_k: int = Field(20, ge=0)
+    min_p: float = Field(0.0, ge=0.0, le=1.0)
+    repeat_penalty: float = Field(1.05, gt=0.0, le=10.0)
+    repeat_last_n: int = Field(64, ge=0)  # tokens the penalties look back over
+
+    # --- demo model ---
+    cache_dir: Path | None = None  # where the demo GGUF is built; None: $XDG_CACHE_HOME or ~/.cache
+
+    @field_validator("host")
+    @classmethod
+    def _host_not_empty(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("host must not be empty")
+        return value
+
+    @property
+    def loopback_only(self) -> bool:
+        return is_loopback_host(self.host)

@@ -1,0 +1,175 @@
+"""Loading through llama.cpp: the buffer sizes it logs must agree with the placement plan.
+
+This build has no GPU backend, so the checks here are the CPU ones; bench/gpu.py makes the same
+comparison for every preset on a GPU machine.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+from pathlib import Path
+from types import SimpleNamespace
+
+import llama_cpp
+import pytest
+
+from server import loader
+from server.loader import (
+    OVERRIDE_LINE,
+    ModelLoadError,
+    PlacedLlama,
+    capture_llama_log,
+    cpu_buffer_type,
+    open_model,
+    parse_buffer_sizes,
+    reported_bytes,
+)
+from server.placement import EXPERT_PATTERN, PlacementError, plan_for_gguf
+
+MiB = 1 << 20
+ROUNDING = MiB // 200 + 1  # the log prints MiB to two decimals
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory) -> Path:
+    from quantizer.cli import main
+    from quantizer.synthetic import write_checkpoint
+
+    root = tmp_path_factory.mktemp("tiny")
+    write_checkpoint(root / "hf", preset="tiny")
+    out = root / "tiny.gguf"
+    assert main(["build", str(root / "hf"), str(out), "--quiet"]) == 0
+    return out
+
+
+def settings(**fields) -> SimpleNamespace:
+    base = dict(gpu_layers="attn", cpu_moe_layers=None, ctx_size=512, threads=2, batch=512, ubatch=512)
+    return SimpleNamespace(**(base | fields))
+
+
+def test_parse_buffer_sizes():
+    text = (
+        "load_tensors:   CPU_Mapped model buffer size =    31.61 MiB\n"
+        "load_tensors:        CUDA0 model buffer size =  1024.00 MiB\n"
+        "llama_kv_cache:      CUDA0 KV buffer size =     0.50 MiB\n"
+        "llama_memory_recurrent:      CUDA0 RS buffer size =     0.21 MiB\n"
+        "sched_reserve:  CUDA_Host compute buffer size =    14.57 MiB\n"
+    )
+    buffers = parse_buffer_sizes(text)
+    assert buffers["model"] == {"CPU_Mapped": round(31.61 * MiB), "CUDA0": 1024 * MiB}
+    assert buffers["compute"] == {"CUDA_Host": round(14.57 * MiB)}
+    assert reported_bytes(buffers, host=False) == 1024 * MiB + round(0.50 * MiB) + round(0.21 * MiB)
+    assert reported_bytes(buffers, host=True) == round(31.61 * MiB)
+
+
+@pytest.mark.parametrize("mmap", [True, False])
+def test_logged_buffers_match_the_plan(tiny_gguf, mmap):
+    llama, summary = open_model(str(tiny_gguf), settings(gpu_layers="none", mmap=mmap))
+    plan = plan_for_gguf(tiny_gguf, settings(gpu_layers="none"), gpu_backend=False)
+    buffers = summary["buffers"]
+    assert summary["mmap"] is mmap
+    assert set(buffers["model"]) == {"CPU_Mapped" if mmap else "CPU"}
+    # a mapped buffer spans the file's tensor data, alignment padding included (32 bytes a tensor)
+    slack = ROUNDING + 32 * len(plan.tensors)
+    assert abs(sum(buffers["model"].values()) - plan.weight_bytes("cpu")) <= slack
+    assert abs(buffers["kv"]["CPU"] - plan.cache_bytes("kv", "cpu")) <= ROUNDING
+    assert abs(buffers["recurrent"]["CPU"] - plan.cache_bytes("recurrent", "cpu")) <= ROUNDING
+    assert summary["reported_gpu_bytes"] == summary["gpu_bytes"] == 0
+    assert llama.n_ctx() == plan.ctx_size
+    assert llama.tokenize(b"def f():") and llama.create_completion("def f():", max_tokens=4)["choices"]
+
+
+def test_attn_without_gpu_backend_warns_once_and_runs_on_cpu(tiny_gguf, caplog):
+    assert not llama_cpp.llama_supports_gpu_offload()  # this test is about the CPU build
+    loader._warn_no_gpu_once.cache_clear()
+    with caplog.at_level(logging.WARNING, logger="server.loader"):
+        for _ in range(2):
+            _, summary = open_model(str(tiny_gguf), settings(gpu_layers="attn"))
+    warnings = [r for r in caplog.records if "no GPU backend" in r.getMessage()]
+    assert len(warnings) == 1
+    assert summary["preset_requested"] == "attn" and summary["preset_effective"] == "none"
+    assert summary["gpu_backend"] is False and summary["overrides"] == [] and summary["gpu_layers_offloaded"] == 0
+    assert summary["mmap"] is True
+
+
+def test_overrides_reach_llama_cpp(tiny_gguf):
+    """The override array is read by llama.cpp: it logs every expert tensor as sent to the CPU."""
+    lib = llama_cpp.llama_cpp._lib
+    lib.ggml_backend_dev_by_type.argtypes = [ctypes.c_int]
+    lib.ggml_backend_dev_by_type.restype = ctypes.c_void_p
+    lib.ggml_backend_dev_buffer_type.argtypes = [ctypes.c_void_p]
+    lib.ggml_backend_dev_buffer_type.restype = ctypes.c_void_p
+    assert cpu_buffer_type() == lib.ggml_backend_dev_buffer_type(lib.ggml_backend_dev_by_type(0))  # 0: CPU
+
+    with capture_llama_log() as chunks:
+        llama = PlacedLlama(str(tiny_gguf), cpu_patterns=(EXPERT_PATTERN,), n_ctx=512, verbose=False)
+    moved = OVERRIDE_LINE.findall("".join(chunks))
+    plan = plan_for_gguf(tiny_gguf, settings(), gpu_backend=True)
+    assert sorted(name for name, _ in moved) == sorted(t.name for t in plan.tensors if t.device == "cpu"
+                                                       and t.tclass == "routed_expert")
+    assert {buft for _, buft in moved} <= {"CPU", "CPU_REPACK", "AMX"}
+    assert llama.placement_overrides is not None  # kept alive by the model
+    assert llama.create_completion("x = ", max_tokens=2)["choices"]
+
+
+def test_log_capture_restores_the_previous_logger():
+    def current() -> int | None:
+        cb, data = llama_cpp.llama_log_callback(), ctypes.c_void_p()
+        llama_cpp.llama_log_get(ctypes.byref(cb), ctypes.byref(data))
+        return ctypes.cast(cb, ctypes.c_void_p).value
+
+    before = current()
+    with capture_llama_log():
+        assert current() != before
+    assert current() == before
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"ctx_size": -1}, "ctx_size"),
+        ({"threads": 0}, "threads"),
+        ({"batch": 1 << 20}, "batch"),
+        ({"ubatch": "many"}, "ubatch"),
+        ({"gpu_layers": "gpu"}, "gpu_layers"),
+        ({"cpu_moe_layers": -2}, "cpu_moe_layers"),
+    ],
+)
+def test_bad_settings_are_refused_before_native_code(tiny_gguf, fields, message):
+    with pytest.raises(PlacementError, match=message):
+        open_model(str(tiny_gguf), settings(**fields))
+
+
+def test_missing_truncated_and_incomplete_models(tmp_path, tiny_gguf):
+    import numpy as np
+    from gguf import GGUFWriter
+
+    with pytest.raises(PlacementError, match="not found"):
+        open_model(str(tmp_path / "absent.gguf"), settings())
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(tiny_gguf.read_bytes()[: 2 * MiB])
+    with pytest.raises(PlacementError, match="not a readable GGUF"):
+        open_model(str(cut), settings(gpu_layers="none"))
+    # a well-formed GGUF that llama.cpp cannot build a model from (keys and tensors missing)
+    incomplete = tmp_path / "incomplete.gguf"
+    writer = GGUFWriter(incomplete, "qwen3next")
+    writer.add_block_count(1)
+    writer.add_context_length(512)
+    writer.add_embedding_length(64)
+    writer.add_head_count(1)
+    writer.add_tensor("token_embd.weight", np.zeros((32, 64), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(ModelLoadError, match="could not load"):
+        open_model(str(incomplete), settings(gpu_layers="none"))
+
+
+def test_project_settings_model(tiny_gguf):
+    from server.settings import Settings
+
+    llama, summary = open_model(str(tiny_gguf), Settings(model=tiny_gguf, gpu_layers="none", ctx_size=256))
+    assert summary["ctx_size"] == 256 and summary["preset_effective"] == "none"
+    assert llama.n_ctx() == 256
