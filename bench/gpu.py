@@ -399,7 +399,7 @@ def write_report(out: Path, report: dict[str, Any]) -> None:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", required=True, help="folder for gpu-bench.json and gpu-bench.md")
+    p.add_argument("--out", help="folder for gpu-bench.json and gpu-bench.md (required)")
     p.add_argument("--work", default=str(ROOT / ".device" / "work"), help="checkpoint, GGUF and logs")
     p.add_argument("--gguf", help="benchmark this GGUF instead of building one")
     p.add_argument("--shape", default="coder-next", help="synthetic preset: coder-next, demo or tiny")
@@ -423,6 +423,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.raw:
         print(json.dumps(raw_main(json.loads(args.raw))))
         return 0
+    if not args.out:
+        print("gpu.py: error: --out is required", file=sys.stderr)
+        return 2
     out, work = Path(args.out), Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     gguf, model = build_model(args)

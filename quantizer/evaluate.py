@@ -218,7 +218,11 @@ class LlamaSession:
         if chatty.level == logging.NOTSET:
             chatty.setLevel(logging.DEBUG if log.isEnabledFor(logging.DEBUG) else logging.ERROR)
         llama_cpp.llama_backend_init()
-        self._model = llama_cpp.llama_model_load_from_file(str(self.path).encode(), llama_cpp.llama_model_default_params())
+        model_params = llama_cpp.llama_model_default_params()
+        # Plain weight buffers: the repacked/AMX layouts only add speed, and a host that advertises AMX
+        # without granting it dies with SIGILL on IQ4_XS and K-quant tensors (seen on VMs).
+        model_params.use_extra_bufts = False
+        self._model = llama_cpp.llama_model_load_from_file(str(self.path).encode(), model_params)
         if not self._model:
             raise EvalError(f"llama.cpp cannot load {self.path}")
         params = llama_cpp.llama_context_default_params()
@@ -258,7 +262,7 @@ class LlamaSession:
             raise EvalError(f"tokenization failed ({n})")
         return np.ctypeslib.as_array(buf)[:n].astype(np.int32)
 
-    def decode_chunk(self, chunk: np.ndarray, first: int) -> np.ndarray:
+    def decode_chunk(self, chunk: np.ndarray, first: int, want_logits: bool = True) -> np.ndarray | None:
         """Logits (float32, one row per position >= first) of one chunk evaluated from scratch."""
         lib, n = self._llama, len(chunk)
         if n > self.ctx:
@@ -274,6 +278,8 @@ class LlamaSession:
         rc = lib.llama_decode(self._ctx, self._batch)
         if rc != 0:
             raise EvalError(f"llama_decode failed on {self.path} ({rc})")
+        if not want_logits:
+            return None
         rows = n - first
         out = lib.llama_get_logits_ith(self._ctx, first)
         return np.ctypeslib.as_array(out, shape=(rows * self.n_vocab,)).reshape(rows, self.n_vocab).copy()

@@ -357,7 +357,8 @@ def resolve_shape(preset: str | None, overrides: dict[str, object]) -> Synthetic
         (shape.heads % shape.kv_heads == 0, "heads must be a multiple of kv_heads"),
         (shape.lin_v_heads % shape.lin_k_heads == 0, "lin_v_heads must be a multiple of lin_k_heads"),
         (1 <= shape.top_k <= shape.n_experts, "top_k must be between 1 and n_experts"),
-        (shape.bpe_tokens >= 256, "the tokenizer needs at least the 256 byte tokens"),
+        (shape.bpe_tokens >= 256, f"vocab must hold 256 byte tokens and {shape.tokenizer_size - shape.bpe_tokens} "
+         "special and added tokens"),
         (shape.tokenizer_size <= shape.vocab, f"vocab must hold the {shape.tokenizer_size} tokenizer tokens"),
     )
     for ok, message in checks:
@@ -403,10 +404,10 @@ def write_checkpoint(
     shape = resolve_shape(preset, {k: v for k, v in locals().items() if k in SyntheticShape.__dataclass_fields__})
     if dtype not in SAFETENSORS_DTYPE:
         raise ValueError(f"dtype must be one of {', '.join(SAFETENSORS_DTYPE)}, got {dtype!r}")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     tensors = stored_tensors(shape, fused_experts)
     placement = split_shards([nbytes(t, dtype) for t in tensors], shards)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     files = shard_names(shards)
     for shard, file_name in enumerate(files):
         group = [streamed(t, dtype, seed, bf16_values) for t, p in zip(tensors, placement, strict=True) if p == shard]

@@ -156,6 +156,18 @@ def check_exact(checkpoint: Checkpoint, module: ModuleType, spec: TensorSpec, st
     return TensorCheck(spec.name, spec.tclass, stored, spec.base_type, status, 0.0)
 
 
+def squared_sums(values: np.ndarray, ref: np.ndarray, block: int = 1 << 20) -> tuple[float, float]:
+    """Sum of squared errors and of squared reference values, in float64, a block at a time."""
+    v, r = values.reshape(-1), ref.reshape(-1)
+    err2 = ref2 = 0.0
+    for start in range(0, v.size, block):
+        vb, rb = v[start : start + block].astype(np.float64), r[start : start + block].astype(np.float64)
+        diff = vb - rb
+        err2 += float(np.dot(diff, diff))
+        ref2 += float(np.dot(rb, rb))
+    return err2, ref2
+
+
 def check_quantized(checkpoint: Checkpoint, module: ModuleType, spec: TensorSpec, stored: str, data: np.ndarray,
                     max_relative_rms: float) -> TensorCheck:
     n = len(spec.sources) if spec.transform == "stack" else 1
@@ -166,9 +178,9 @@ def check_quantized(checkpoint: Checkpoint, module: ModuleType, spec: TensorSpec
         if not np.isfinite(values).all():
             return TensorCheck(spec.name, spec.tclass, stored, spec.base_type, "mismatch", float("nan"),
                                f"dequantized {stored} data holds NaN or infinity")
-        diff = values.astype(np.float64) - ref
-        err2 += float(np.dot(diff.reshape(-1), diff.reshape(-1)))
-        ref2 += float(np.dot(ref.reshape(-1).astype(np.float64), ref.reshape(-1).astype(np.float64)))
+        e2, r2 = squared_sums(values, ref)
+        err2 += e2
+        ref2 += r2
     rel = float(np.sqrt(err2 / ref2)) if ref2 > 0 else float(np.sqrt(err2))
     if not rel <= max_relative_rms:
         return TensorCheck(spec.name, spec.tclass, stored, spec.base_type, "mismatch", rel,

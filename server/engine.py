@@ -68,6 +68,7 @@ class EngineStats:
     completed: int
     cancellations: int
     prompt_tokens: int
+    prompt_tokens_evaluated: int  # fewer than prompt_tokens when a cached prefix was reused
     generated_tokens: int
     prompt_seconds: float
     decode_seconds: float
@@ -125,7 +126,9 @@ class Engine:
         self._vocab: Any = None
         self._info: ModelInfo | None = None
         self._pieces: dict[int, bytes] = {}
-        self._counts = {"completed": 0, "cancellations": 0, "prompt_tokens": 0, "generated_tokens": 0}
+        self._counts = dict.fromkeys(
+            ("completed", "cancellations", "prompt_tokens", "prompt_tokens_evaluated", "generated_tokens"), 0
+        )
         self._seconds = {"prompt": 0.0, "decode": 0.0, "last_prompt_tps": 0.0, "last_decode_tps": 0.0}
         self._mean_job_seconds = 1.0
 
@@ -222,6 +225,7 @@ class Engine:
                 completed=self._counts["completed"],
                 cancellations=self._counts["cancellations"],
                 prompt_tokens=self._counts["prompt_tokens"],
+                prompt_tokens_evaluated=self._counts["prompt_tokens_evaluated"],
                 generated_tokens=self._counts["generated_tokens"],
                 prompt_seconds=self._seconds["prompt"],
                 decode_seconds=self._seconds["decode"],
@@ -352,6 +356,7 @@ class Engine:
     def _record(self, n_prompt: int, n_evaluated: int, n_gen: int, prompt_s: float, decode_s: float) -> None:
         with self._cond:
             self._counts["prompt_tokens"] += n_prompt
+            self._counts["prompt_tokens_evaluated"] += n_evaluated
             self._counts["generated_tokens"] += n_gen
             self._seconds["prompt"] += prompt_s
             self._seconds["decode"] += decode_s

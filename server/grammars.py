@@ -1,7 +1,7 @@
-"""Tool schemas, read once, and the llama.cpp GBNF grammar that forces a well-formed tool call.
+"""Tool schemas: reading them, typing argument values by them, and the GBNF grammar that forces a call.
 
-`tool_specs` reads the OpenAI `tools` list into one record per function (the parser in
-`server.toolcalls` types argument values with it). `grammar_for` turns `tool_choice` "required" or a
+`tool_specs` reads the OpenAI `tools` list into one record per function; `convert_value` types a
+parameter's text by its JSON schema (the parser in `server.toolcalls` uses both). `grammar_for` turns `tool_choice` "required" or a
 named function into a grammar whose every sentence is one (or, with parallel calls, several)
 Qwen3-Coder `<tool_call>` blocks naming an allowed function with its required parameters, in the
 exact layout the chat template renders (fixtures/qwen3-coder.jinja). GBNF syntax:
@@ -10,8 +10,11 @@ https://github.com/ggml-org/llama.cpp/blob/master/grammars/README.md
 
 from __future__ import annotations
 
+import ast
 import json
-from collections.abc import Mapping, Sequence
+import math
+import re
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +25,10 @@ SCALAR_TYPES = ("null", "boolean", "integer", "number")
 VALUE_TYPES = (*SCALAR_TYPES, "object", "array", "string")
 MAX_BOUNDED_LENGTH = 512  # a string's maxLength above this is left unbounded (GBNF expands {0,n})
 PARAM_CLOSE = "</parameter>"
+_INT = re.compile(r"[-+]?\d+")
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+_FAIL = object()
+MAX_DIGITS = 4000  # longer integers are refused: Python will not print ints past 4300 digits
 
 
 class ToolRequestError(ValueError):
@@ -93,6 +100,70 @@ def _json_type(value: Any) -> str:
     if isinstance(value, float):
         return "number"
     return "object" if isinstance(value, dict) else "array" if isinstance(value, list) else "string"
+
+
+def convert_value(text: str, schema: Any) -> Any:
+    """A parameter's text -> the value its schema declares; the raw text when it does not fit."""
+    stripped = text.strip()
+    for kind in schema_types(schema):
+        if kind == "string":
+            return text
+        value = _CONVERTERS[kind](stripped)
+        if value is not _FAIL:
+            return value
+    return text
+
+
+def _to_null(text: str) -> Any:
+    return None if text.lower() in ("null", "none") else _FAIL
+
+
+def _to_bool(text: str) -> Any:
+    return {"true": True, "false": False}.get(text.lower(), _FAIL)
+
+
+def _to_int(text: str) -> Any:
+    number = _to_number(text)
+    if isinstance(number, float):
+        return int(number) if number.is_integer() else _FAIL
+    return number
+
+
+def _to_number(text: str) -> Any:
+    if _INT.fullmatch(text) and len(text) <= MAX_DIGITS:
+        return int(text)
+    if _NUMBER.fullmatch(text) and math.isfinite(number := float(text)):
+        return number
+    return _FAIL
+
+
+def _structured(kind: type) -> Callable[[str], Any]:
+    def load(text: str) -> Any:
+        for parse in (json.loads, ast.literal_eval):  # JSON, or the Python literal a model may write
+            try:
+                value = parse(text)
+            except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+                continue
+            value = list(value) if kind is list and isinstance(value, tuple) else value
+            if isinstance(value, kind) and (value := _as_json(value)) is not _FAIL:
+                return value
+        return _FAIL
+
+    return load
+
+
+def _as_json(value: Any) -> Any:
+    """The value as JSON would give it back (tuples -> lists, int keys -> strings), or _FAIL."""
+    try:
+        return json.loads(json.dumps(value, allow_nan=False))
+    except (TypeError, ValueError, RecursionError):
+        return _FAIL
+
+
+_CONVERTERS: dict[str, Callable[[str], Any]] = {
+    "null": _to_null, "boolean": _to_bool, "integer": _to_int, "number": _to_number,
+    "object": _structured(dict), "array": _structured(list),
+}  # fmt: skip
 
 
 def forced_functions(tools: Sequence[Mapping[str, Any]] | None, tool_choice: ToolChoice) -> list[str] | None:

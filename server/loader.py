@@ -222,6 +222,7 @@ def open_model(path: str, settings: Any, **llama_kwargs: Any) -> tuple[llama_cpp
         _warn_no_gpu_once(plan.preset_requested)
     mmap = choose_mmap(settings, plan)
     kwargs = llama_arguments(settings, plan, mmap) | llama_kwargs
+    log.info("loading %s\n%s", path, plan.render())
     with capture_llama_log() as chunks:
         try:
             model = PlacedLlama(str(path), cpu_patterns=plan.overrides, **kwargs)

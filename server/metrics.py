@@ -31,6 +31,8 @@ class _EngineCollector(Collector):
         s = engine.stats()
         counters = {
             "prompt_tokens": ("Prompt tokens of finished requests", s.prompt_tokens),
+            "prompt_tokens_evaluated": ("Prompt tokens evaluated (the rest reused a cached prefix)",
+                                        s.prompt_tokens_evaluated),
             "generated_tokens": ("Tokens generated", s.generated_tokens),
             "prompt_seconds": ("Seconds spent evaluating prompts", s.prompt_seconds),
             "decode_seconds": ("Seconds spent generating tokens", s.decode_seconds),

@@ -359,14 +359,6 @@ def plan_placement(
 # --- reading a GGUF header (the only I/O in this module) -------------------------------------------
 
 
-def _field(reader: Any, key: str, default: Any = None) -> Any:
-    field = reader.get_field(key)
-    if field is None:
-        return default
-    value = field.contents()
-    return value
-
-
 def _per_layer(value: Any, n: int, key: str) -> tuple[int, ...]:
     if isinstance(value, list):
         if len(value) != n:
@@ -388,6 +380,8 @@ def memory_shape_from_fields(fields: dict[str, Any]) -> MemoryShape:
     if not isinstance(n_layer_all, int) or not 0 < n_layer_all <= 4096:
         raise PlacementError(f"GGUF has no usable {arch}.block_count: {n_layer_all!r}")
     n_nextn = int(get("nextn_predict_layers", 0))
+    if not 0 <= n_nextn < n_layer_all:
+        raise PlacementError(f"{arch}.nextn_predict_layers ({n_nextn}) does not fit {n_layer_all} layers")
     n_layer = n_layer_all - n_nextn
     n_head = _per_layer(get("attention.head_count", 0), n_layer_all, "attention.head_count")
     n_head_kv = _per_layer(get("attention.head_count_kv", n_head[0]), n_layer_all, "attention.head_count_kv")
@@ -429,8 +423,7 @@ def read_gguf(path: str | Path) -> tuple[list[TensorInfo], MemoryShape]:
         reader = GGUFReader(path)
     except (ValueError, OSError) as exc:
         raise PlacementError(f"{path}: not a readable GGUF ({exc})") from exc
-    keys = [k for k in reader.fields if not k.startswith(("tokenizer.", "GGUF."))]
-    fields = {k: _field(reader, k) for k in keys}
+    fields = {k: f.contents() for k, f in reader.fields.items() if not k.startswith(("tokenizer.", "GGUF."))}
     tensors = [
         TensorInfo(t.name, t.tensor_type.name, tuple(int(d) for d in t.shape), int(t.n_bytes))
         for t in reader.tensors

@@ -20,10 +20,8 @@ or an end-of-generation token still yields valid JSON with what was complete, an
 
 from __future__ import annotations
 
-import ast
 import json
 import logging
-import math
 import re
 import secrets
 from collections.abc import Callable, Mapping, Sequence
@@ -35,7 +33,7 @@ from server.grammars import (
     ToolChoiceError,
     ToolRequestError,
     ToolSpec,
-    forced_functions,
+    convert_value,
     grammar_for,
     schema_types,
     tool_specs,
@@ -43,8 +41,7 @@ from server.grammars import (
 
 __all__ = [
     "ContentDelta", "Event", "ParsedTurn", "StreamParser", "ToolCallArgs", "ToolCallStart", "ToolChoiceError",
-    "ToolHistoryError", "ToolRequestError", "accumulate", "check_tools", "convert_value", "finish_reason",
-    "grammar_for", "parse_turn", "prepare_history", "tools_active",
+    "ToolRequestError", "accumulate", "convert_value", "finish_reason", "grammar_for", "parse_turn", "tools_active",
 ]  # fmt: skip
 
 log = logging.getLogger(__name__)
@@ -53,14 +50,10 @@ CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
 FUNC_OPEN, FUNC_CLOSE = "<function=", "</function>"
 PARAM_OPEN, PARAM_CLOSE = "<parameter=", "</parameter>"
 MAX_NAME = 128  # longest function / parameter name read from a tag
-FUNCTION_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")  # OpenAI's rule for tool names
 
 _YES, _NO, _MORE = "yes", "no", "more"  # a tag at a position: present, absent, not decidable yet
 _WEAK = "weak"  # a plausible end of a value, used only when no better one follows
 _WS = re.compile(r"\s*")
-_INT = re.compile(r"[-+]?\d+")
-_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
-_FAIL = object()
 
 
 @dataclass(frozen=True)
@@ -100,10 +93,6 @@ class ParsedTurn:
     content: str | None  # None when the turn is only tool calls
     tool_calls: list[dict[str, Any]] = field(default_factory=list)  # OpenAI message.tool_calls
     incomplete: bool = False  # the last call was cut off before </function>
-
-
-class ToolHistoryError(ToolRequestError):
-    """An assistant message's tool call that cannot be rendered (arguments not a JSON object)."""
 
 
 def new_call_id() -> str:
@@ -463,74 +452,7 @@ def _match_named(buf: str, pos: int, prefix: str) -> tuple[str, str, int]:
     return (_YES, name.strip(), end + 1) if end != -1 else (_MORE, "", pos)
 
 
-# ---- values typed by the tool's JSON schema ----
-
-
-def convert_value(text: str, schema: Any) -> Any:
-    """A parameter's text -> the value its schema declares; the raw text when it does not fit."""
-    stripped = text.strip()
-    for kind in schema_types(schema):
-        if kind == "string":
-            return text
-        value = _CONVERTERS[kind](stripped)
-        if value is not _FAIL:
-            return value
-    return text
-
-
-def _to_null(text: str) -> Any:
-    return None if text.lower() in ("null", "none") else _FAIL
-
-
-def _to_bool(text: str) -> Any:
-    return {"true": True, "false": False}.get(text.lower(), _FAIL)
-
-
-def _to_int(text: str) -> Any:
-    if _INT.fullmatch(text):
-        return int(text)
-    number = _to_number(text)
-    return int(number) if isinstance(number, float) and number.is_integer() else _FAIL
-
-
-def _to_number(text: str) -> Any:
-    if _INT.fullmatch(text):
-        return int(text)
-    if _NUMBER.fullmatch(text) and math.isfinite(number := float(text)):
-        return number
-    return _FAIL
-
-
-def _structured(kind: type) -> Callable[[str], Any]:
-    def load(text: str) -> Any:
-        for parse in (json.loads, ast.literal_eval):  # JSON, or the Python literal a model may write
-            try:
-                value = parse(text)
-            except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
-                continue
-            value = list(value) if kind is list and isinstance(value, tuple) else value
-            if isinstance(value, kind) and (value := _as_json(value)) is not _FAIL:
-                return value
-        return _FAIL
-
-    return load
-
-
-def _as_json(value: Any) -> Any:
-    """The value as JSON would give it back (tuples -> lists, int keys -> strings), or _FAIL."""
-    try:
-        return json.loads(json.dumps(value, allow_nan=False))
-    except (TypeError, ValueError, RecursionError):
-        return _FAIL
-
-
-_CONVERTERS: dict[str, Callable[[str], Any]] = {
-    "null": _to_null, "boolean": _to_bool, "integer": _to_int, "number": _to_number,
-    "object": _structured(dict), "array": _structured(list),
-}  # fmt: skip
-
-
-# ---- whole turns, finish reasons, requests and history ----
+# ---- whole turns and finish reasons ----
 
 
 def accumulate(events: Sequence[Event], incomplete: bool = False) -> ParsedTurn:
@@ -572,50 +494,3 @@ def finish_reason(engine_reason: str, has_tool_calls: bool) -> str:
 def tools_active(tools: Sequence[Mapping[str, Any]] | None, tool_choice: ToolChoice) -> bool:
     """Whether to render `tools` into the prompt and parse calls: not for tool_choice "none"."""
     return bool(tools) and tool_choice != "none"
-
-
-def check_tools(tools: Sequence[Mapping[str, Any]] | None, tool_choice: ToolChoice) -> None:
-    """Raise ToolRequestError (param names the field) for tools or a tool_choice we cannot honour."""
-    seen: set[str] = set()
-    for i, tool in enumerate(tools or ()):
-        fn = tool.get("function") if isinstance(tool, Mapping) else None
-        name = fn.get("name") if isinstance(fn, Mapping) else None
-        if tool.get("type", "function") != "function" or not isinstance(name, str):
-            raise ToolRequestError(f"tools[{i}] must be {{\"type\": \"function\", \"function\": {{\"name\": ...}}}}",
-                                   param=f"tools[{i}]")  # fmt: skip
-        if not FUNCTION_NAME.fullmatch(name):
-            raise ToolRequestError(f"tools[{i}].function.name '{name}' must match ^[a-zA-Z0-9_-]{{1,64}}$",
-                                   param=f"tools[{i}].function.name")  # fmt: skip
-        if name in seen:
-            raise ToolRequestError(f"tools[{i}]: function '{name}' is declared twice", param=f"tools[{i}]")
-        seen.add(name)
-        params = fn.get("parameters")
-        if params is not None and not isinstance(params, Mapping):
-            raise ToolRequestError(f"tools[{i}].function.parameters must be a JSON schema object",
-                                   param=f"tools[{i}].function.parameters")  # fmt: skip
-    forced_functions(tools, tool_choice)
-
-
-def prepare_history(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Messages for the chat template: tool-call `arguments` (JSON text in the API) become objects."""
-    prepared: list[dict[str, Any]] = []
-    for i, message in enumerate(messages):
-        calls = message.get("tool_calls")
-        if message.get("role") != "assistant" or not calls:
-            prepared.append(dict(message))
-            continue
-        converted = []
-        for j, call in enumerate(calls):
-            fn = dict(call.get("function") or {})
-            where = f"messages[{i}].tool_calls[{j}].function.arguments"
-            args = fn.get("arguments")
-            if isinstance(args, str):
-                try:
-                    args = json.loads(args) if args.strip() else {}
-                except json.JSONDecodeError as err:
-                    raise ToolHistoryError(f"{where} is not valid JSON: {err.msg}", param=where) from None
-            if not isinstance(args, Mapping):
-                raise ToolHistoryError(f"{where} must be a JSON object", param=where)
-            converted.append({**call, "function": {**fn, "arguments": dict(args)}})
-        prepared.append({**message, "tool_calls": converted})
-    return prepared

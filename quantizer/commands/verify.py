@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 
@@ -47,6 +48,8 @@ def summary(report: VerifyReport) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.quiet:
+        logging.getLogger().setLevel(logging.WARNING)
     bar: tqdm | None = None
 
     def progress(phase: str, done: int, total: int) -> None:

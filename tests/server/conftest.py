@@ -90,7 +90,7 @@ def live_server(settings: Settings, engine: Engine | None = None, wait_loaded: b
 
 
 def make_settings(gguf: Path, **overrides: Any) -> Settings:
-    values: dict[str, Any] = {"model": gguf, "ctx_size": 4096, "threads": 2, "max_queue": 4}
+    values: dict[str, Any] = {"model": gguf, "ctx_size": 4096, "threads": 1, "max_queue": 4}
     values.update(overrides)
     return Settings(**values)
 

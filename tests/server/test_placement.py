@@ -17,6 +17,7 @@ from server.placement import (
     TensorInfo,
     cpu_override_patterns,
     layer_on_gpu,
+    memory_shape_from_fields,
     padded_ctx,
     parse_preset,
     plan_for_gguf,
@@ -219,6 +220,27 @@ def test_json_is_complete_and_consistent():
         assert data[f"{device}_bytes"] == tensor_sum + data["kv_cache"][device] + data["recurrent_state"][device]
     assert {t["device"] for t in data["tensors"]} == {"gpu", "cpu"}
     assert len(data["tensors"]) == len(qwen3next_tensors(8))
+
+
+def test_memory_shape_from_metadata():
+    fields = {
+        "general.architecture": "qwen3next", "qwen3next.block_count": 8, "qwen3next.embedding_length": 2048,
+        "qwen3next.attention.head_count": 16, "qwen3next.attention.head_count_kv": [2] * 8,
+        "qwen3next.attention.key_length": 256, "qwen3next.context_length": 262144,
+    }
+    shape = memory_shape_from_fields(fields)
+    # no recurrent_layers key: llama.cpp's rule, every full_attention_interval-th layer (default 4) is full
+    assert shape.recurrent == (True, True, True, False) * 2
+    assert shape.n_head_kv == (2,) * 8 and shape.key_length == 256
+    assert shape.value_length == 2048 // 16  # default: n_embd / n_head
+    for broken, message in (
+        ({"qwen3next.block_count": None}, "block_count"),
+        ({"qwen3next.attention.head_count_kv": [2] * 7}, "head_count_kv"),
+        ({"qwen3next.nextn_predict_layers": 8}, "nextn_predict_layers"),
+        ({"general.architecture": None}, "architecture"),
+    ):
+        with pytest.raises(PlacementError, match=message):
+            memory_shape_from_fields(fields | broken)
 
 
 # --- a real GGUF --------------------------------------------------------------------------------

@@ -136,7 +136,7 @@ def test_grammar_accepts_the_calls_the_template_writes_and_nothing_else(llm: Any
     assert not accepts(llm, grammar_for(TOOLS, named("list_dir")), one)
 
 
-def generate(llm: Any, tools: list[dict[str, Any]], choice: Any, parallel: bool, template: str) -> str:
+def generate(llm: Any, tools: list[dict[str, Any]], choice: Any, parallel: bool, template: str, limit: int) -> str:
     prompt = render(template, [{"role": "user", "content": "Open src/app.py and show the first lines."}], tools)
     gbnf = grammar_for(tools, choice, parallel_tool_calls=parallel)
     assert gbnf is not None
@@ -144,7 +144,7 @@ def generate(llm: Any, tools: list[dict[str, Any]], choice: Any, parallel: bool,
     vocab = llama_cpp.llama_model_get_vocab(llm.model)
     tokens: list[int] = []
     for token in llm.generate(llm.tokenize(prompt.encode(), add_bos=False, special=True), temp=0.0, grammar=grammar):
-        if llama_cpp.llama_vocab_is_eog(vocab, token) or len(tokens) == 160:
+        if llama_cpp.llama_vocab_is_eog(vocab, token) or len(tokens) == limit:
             break
         tokens.append(token)
     return llm.detokenize(tokens, special=True).decode()
@@ -157,9 +157,10 @@ def generate(llm: Any, tools: list[dict[str, Any]], choice: Any, parallel: bool,
 def test_reference_model_under_the_grammar_emits_a_parseable_call(
     llm: Any, qwen3_coder_template: str, choice: Any, parallel: bool
 ) -> None:
-    text = generate(llm, BOUNDED, choice, parallel, qwen3_coder_template)
+    # A tiny model given "one or more calls" may go on calling until max_tokens: then cut it short.
+    text = generate(llm, BOUNDED, choice, parallel, qwen3_coder_template, limit=40 if parallel else 160)
     turn = parse_turn(text, BOUNDED)
-    assert turn.content is None and turn.tool_calls, text
+    assert turn.tool_calls and text.startswith("<tool_call>\n<function="), text
     first = turn.tool_calls[0]["function"]
     if isinstance(choice, dict):
         assert first["name"] == choice["function"]["name"]
@@ -167,4 +168,4 @@ def test_reference_model_under_the_grammar_emits_a_parseable_call(
     args = json.loads(first["arguments"])
     assert set(spec["required"]) <= set(args), text
     if not parallel:  # one call, finished: the grammar then only allows end-of-generation
-        assert len(turn.tool_calls) == 1 and not turn.incomplete, text
+        assert len(turn.tool_calls) == 1 and not turn.incomplete and turn.content is None, text

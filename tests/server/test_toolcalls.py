@@ -9,19 +9,9 @@ import random
 from typing import Any
 
 import pytest
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from server.toolcalls import (
-    ToolChoiceError,
-    ToolHistoryError,
-    ToolRequestError,
-    check_tools,
-    convert_value,
-    finish_reason,
-    parse_turn,
-    prepare_history,
-    tools_active,
-)
+from server.templates import ChatTemplate
+from server.toolcalls import convert_value, finish_reason, parse_turn, tools_active
 
 
 def fn(name: str, properties: dict[str, Any] | None = None, required: list[str] | None = None) -> dict[str, Any]:
@@ -84,6 +74,8 @@ def test_values_are_typed_by_the_schema() -> None:
         ({"type": "integer"}, " 42 ", 42),
         ({"type": "integer"}, "3.0", 3),
         ({"type": "integer"}, "three", "three"),  # does not fit: the text, as written
+        ({"type": "integer"}, "3.5", "3.5"),
+        ({"type": "integer"}, "9" * 5000, "9" * 5000),
         ({"type": "number"}, "-1.5e3", -1500.0),
         ({"type": "number"}, "7", 7),
         ({"type": "number"}, "nan", "nan"),
@@ -178,6 +170,9 @@ def test_malformed_calls_are_recovered() -> None:
     no_open_tag = "Sure.\n<function=read_file>\n<parameter=path>\na.py\n</parameter>\n</function>\nDone."
     turn = parse_turn(no_open_tag, TOOLS)
     assert args_of(turn) == {"path": "a.py"} and turn.content == "Sure.Done."
+    prose_after = call("read_file", path="a.py") + "\nAnything else?"
+    turn = parse_turn(prose_after, TOOLS)
+    assert args_of(turn) == {"path": "a.py"} and turn.content == "Anything else?"
 
 
 def test_markup_that_is_not_a_call_is_content() -> None:
@@ -216,43 +211,17 @@ def test_tool_choice_none_disables_tools() -> None:
     assert not tools_active(TOOLS, "none") and not tools_active([], "auto") and not tools_active(None, None)
 
 
-@pytest.mark.parametrize(
-    ("tools", "choice", "param"),
-    [
-        ([{"type": "function", "function": {"name": "bad name"}}], "auto", "tools[0].function.name"),
-        ([{"type": "retrieval"}], "auto", "tools[0]"),
-        ([fn("a"), fn("a")], "auto", "tools[1]"),
-        ([{"type": "function", "function": {"name": "a", "parameters": "x"}}], "auto", "tools[0].function.parameters"),
-        (TOOLS, {"type": "function", "function": {"name": "missing"}}, "tool_choice"),
-        (TOOLS, "sometimes", "tool_choice"),
-        ([], "required", "tools"),
-    ],
-)
-def test_check_tools_names_the_bad_field(tools: Any, choice: Any, param: str) -> None:
-    with pytest.raises(ToolRequestError) as err:
-        check_tools(tools, choice)
-    assert err.value.param == param
-
-
-def test_check_tools_accepts_valid_requests() -> None:
-    check_tools(TOOLS, {"type": "function", "function": {"name": "read_file"}})
-    check_tools(None, "none")
-    assert issubclass(ToolChoiceError, ToolRequestError) and issubclass(ToolHistoryError, ValueError)
-
-
 # ---- history through the real template ----
 
 
 @functools.cache
-def compiled(source: str) -> Any:
-    # The settings Hugging Face renders chat templates with (tojson without HTML escaping).
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    env.filters["tojson"] = lambda v, indent=None: json.dumps(v, indent=indent, ensure_ascii=False)
-    return env.from_string(source)
+def chat_template(source: str) -> ChatTemplate:
+    return ChatTemplate(source)
 
 
 def render(template: str, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> str:
-    return compiled(template).render(messages=prepare_history(messages), tools=tools, add_generation_prompt=True)
+    """The server's own rendering (server.templates), which turns argument JSON into objects."""
+    return chat_template(template).render(messages, tools=tools)
 
 
 AGENT_EXCHANGE = [
@@ -282,16 +251,6 @@ def test_agent_exchange_renders_to_the_text_the_model_family_expects(qwen3_coder
     assert "<function>\n<name>read_file</name>\n<description>read_file tool</description>" in prompt
     assert "<parameter>\n<name>limit</name>\n<type>integer</type>\n</parameter>" in prompt
     assert prompt.endswith("</IMPORTANT><|im_end|>\n" + EXPECTED_TURNS)
-
-
-def test_history_rejects_arguments_that_are_not_a_json_object() -> None:
-    bad = [{"role": "assistant", "tool_calls": [{"id": "c", "type": "function",
-                                                 "function": {"name": "f", "arguments": "[1]"}}]}]  # fmt: skip
-    with pytest.raises(ToolHistoryError, match=r"messages\[0\]\.tool_calls\[0\]\.function\.arguments"):
-        prepare_history(bad)
-    bad[0]["tool_calls"][0]["function"]["arguments"] = "{oops"
-    with pytest.raises(ToolHistoryError, match="not valid JSON"):
-        prepare_history(bad)
 
 
 def test_rendered_calls_parse_back_to_the_same_arguments(qwen3_coder_template: str) -> None:

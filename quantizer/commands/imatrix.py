@@ -1,0 +1,54 @@
+"""`coder-quant imatrix MODEL.gguf -o OUT.gguf`: importance matrix in llama-imatrix's GGUF format."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from tqdm import tqdm
+
+from quantizer.commands.eval import read_text
+from quantizer.errors import QuantError
+from quantizer.imatrix import write_imatrix_gguf
+from quantizer.imatrix_collect import collect_imatrix, default_calibration_text
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "imatrix",
+        help="collect an importance matrix (llama-imatrix's GGUF format) by running a GGUF over a text",
+        description="Run MODEL over the text in chunks of --ctx tokens and record, for every weight "
+        "matrix (per expert for stacked experts), the sum of squared inputs per column, as llama-imatrix "
+        "does. Without --text, a fixed set of Python standard-library sources is the calibration text.",
+    )
+    p.add_argument("model", type=Path, metavar="MODEL.gguf", help="model to run (usually the BF16 build)")
+    p.add_argument("-o", "--output", type=Path, required=True, metavar="OUT.gguf", help="imatrix file to write")
+    p.add_argument("--text", type=Path, default=None, help="calibration text (default: Python stdlib sources)")
+    p.add_argument("--ctx", type=int, default=512, help="tokens per chunk (512: llama-imatrix's default)")
+    p.add_argument("--chunks", type=int, default=None, help="process at most this many chunks (default: all)")
+    p.add_argument("--process-output", action="store_true", help="also collect output.weight, as llama-imatrix")
+    p.add_argument("--force", action="store_true", help="overwrite OUT.gguf if it exists")
+    p.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.output.exists() and not args.force:
+        raise QuantError(f"{args.output} exists (use --force to overwrite)")
+    if args.text is not None:
+        text, dataset = read_text(args.text), str(args.text)
+    else:
+        text, dataset = default_calibration_text()
+    with tqdm(desc="imatrix", unit="chunk", file=sys.stderr, dynamic_ncols=True) as bar:
+
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        stats = collect_imatrix(
+            args.model, text, ctx=args.ctx, max_chunks=args.chunks, process_output=args.process_output,
+            progress=progress,
+        )  # fmt: skip
+    write_imatrix_gguf(args.output, stats.sums, stats.counts, [dataset], stats.chunk_count, stats.chunk_size)
+    print(f"{args.output}: {len(stats.sums)} matrices, {stats.chunk_count} chunks of {stats.chunk_size} tokens")
+    return 0

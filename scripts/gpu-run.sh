@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# On a GPU machine WITHOUT network: install from .device/ (made by scripts/gpu-prepare.sh) and run
+# the placement benchmark. From the repository root:
+#
+#   scripts/gpu-run.sh install              # compile llama-cpp-python with CUDA, install the wheels
+#   scripts/gpu-run.sh bench [options...]   # bench/gpu.py --out "$OUT" [options...]
+#   scripts/gpu-run.sh all [options...]     # both
+#
+# Results go to $OUT (default .device/out): gpu-bench.json, gpu-bench.md, plus the server logs.
+# Installs into .venv (created with --system-site-packages so the machine's numpy, jinja2, cmake,
+# ninja and scikit-build-core are used); the model is built under build/gpu-bench. Both survive
+# between runs and are reused, so each phase fits in a few minutes.
+#   CUDA_ARCHITECTURES  GPU generation to compile for (default 90: Hopper, e.g. H100/H200)
+#   JOBS                parallel compile jobs (default: the number of CPUs)
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+DEV=.device
+VENV=.venv
+OUT=${OUT:-$DEV/out}
+LLAMA_VERSION=0.3.36
+phase=${1:-all}
+shift || true
+
+fail() { echo "gpu-run: $*" >&2; exit 1; }
+
+install() {
+    [ -f "$DEV/llama_cpp_python-$LLAMA_VERSION.tar.gz" ] || fail "$DEV is missing; run scripts/gpu-prepare.sh on a machine with network"
+    if [ ! -x "$VENV/bin/python" ]; then
+        # --without-pip: the machine's pip (a system site package) installs into this venv
+        python3 -m venv --system-site-packages --without-pip "$VENV"
+    fi
+    local py="$VENV/bin/python"
+    "$py" -m pip --version >/dev/null || fail "no pip for $(python3 --version)"
+    if "$py" -c 'import llama_cpp, sys; sys.exit(0 if llama_cpp.llama_supports_gpu_offload() else 1)' 2>/dev/null; then
+        echo "gpu-run: llama-cpp-python with GPU offload is already installed"
+    else
+        command -v nvcc >/dev/null || [ -x /usr/local/cuda/bin/nvcc ] || fail "nvcc not found: the CUDA toolkit is needed to compile llama.cpp"
+        export PATH="$PATH:/usr/local/cuda/bin"
+        echo "gpu-run: compiling llama-cpp-python $LLAMA_VERSION with CUDA (a few minutes)"
+        CMAKE_ARGS="-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=${CUDA_ARCHITECTURES:-90} -DLLAVA_BUILD=OFF" \
+        CMAKE_BUILD_PARALLEL_LEVEL=${JOBS:-$(nproc)} \
+            "$py" -m pip install --no-build-isolation --no-deps --no-index --force-reinstall \
+            "$DEV/llama_cpp_python-$LLAMA_VERSION.tar.gz"
+    fi
+    "$py" -m pip install --quiet --no-index --find-links "$DEV/wheels" -r "$DEV/requirements.txt"
+    # The project itself; the benchmark runs it from this tree (python -m) either way.
+    "$py" -m pip install --quiet --no-index --find-links "$DEV/wheels" --no-deps --no-build-isolation . \
+        || echo "gpu-run: warning: installing the project failed; running it from the source tree" >&2
+    "$py" -c 'import llama_cpp; assert llama_cpp.llama_supports_gpu_offload(), "no GPU offload"; print("gpu-run: llama.cpp GPU offload: yes")'
+}
+
+bench() {
+    [ -x "$VENV/bin/python" ] || fail "run '$0 install' first"
+    mkdir -p "$OUT"
+    "$VENV/bin/python" bench/gpu.py --out "$OUT" --work build/gpu-bench "$@"
+    cp build/gpu-bench/serve-*.log "$OUT"/ 2>/dev/null || true
+}
+
+case "$phase" in
+    install) install ;;
+    bench) bench "$@" ;;
+    all) install && bench "$@" ;;
+    *) fail "usage: $0 [install|bench|all] [bench/gpu.py options...]" ;;
+esac

@@ -1,0 +1,107 @@
+"""The engine on a real llama.cpp model, without HTTP: prefix reuse, queueing, cancellation."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from server.app import model_factory
+from server.engine import Engine, GenerationParams
+from server.errors import ContextLengthExceeded, InvalidRequest, QueueFull
+from server.events import Finished, TextDelta
+from server.sampler import SamplingParams
+from tests.server.conftest import make_settings
+
+GREEDY = SamplingParams(temperature=0.0, top_p=1.0, top_k=0, min_p=0.0, repeat_penalty=1.0, presence_penalty=0.0,
+                        frequency_penalty=0.0, repeat_last_n=64, seed=0)
+
+
+@pytest.fixture(scope="module")
+def engine(test_gguf: Path) -> Iterator[Engine]:
+    e = Engine(model_factory(make_settings(test_gguf, ctx_size=1024)), max_queue=1)
+    e.start()
+    assert e.wait_loaded(120) == "ready"
+    yield e
+    e.close()
+
+
+async def run(engine: Engine, tokens: list[int], max_tokens: int, **kw: object) -> tuple[str, Finished]:
+    job = engine.submit(tokens, GenerationParams(GREEDY, max_tokens=max_tokens, **kw))
+    text = ""
+    async for event in job.events():
+        if isinstance(event, TextDelta):
+            text += event.text
+        else:
+            assert isinstance(event, Finished)
+            return text, event
+    raise AssertionError("no final event")
+
+
+def test_an_extended_prompt_reuses_the_cached_prefix(engine: Engine, test_gguf: Path) -> None:
+    head = engine.tokenize("def parse(text):\n")
+    tail = engine.tokenize("    lines = text.split()\n")
+
+    async def scenario() -> tuple[str, int]:
+        await run(engine, head, 1)  # the context now holds `head` (a sampled token is never evaluated)
+        before = engine.stats().prompt_tokens_evaluated
+        text, _ = await run(engine, head + tail, 8)
+        return text, engine.stats().prompt_tokens_evaluated - before
+
+    text, evaluated = asyncio.run(scenario())
+    assert evaluated == len(tail)
+    fresh = Engine(model_factory(make_settings(test_gguf, ctx_size=1024)))
+    fresh.start()
+    try:
+        assert fresh.wait_loaded(120) == "ready"
+        assert asyncio.run(run(fresh, head + tail, 8))[0] == text  # same tokens as with no cache at all
+    finally:
+        fresh.close()
+
+
+def test_a_changed_prompt_is_evaluated_again_correctly(engine: Engine) -> None:
+    a, b = engine.tokenize("import os\n"), engine.tokenize("import sys\n")
+
+    async def scenario() -> list[str]:
+        return [(await run(engine, p, 6))[0] for p in (a, b, a, b)]
+
+    first_a, first_b, again_a, again_b = asyncio.run(scenario())
+    assert (first_a, first_b) == (again_a, again_b)
+
+
+def test_stop_string_and_usage(engine: Engine) -> None:
+    prompt = engine.tokenize("def add(a, b):\n")
+    full, done = asyncio.run(run(engine, prompt, 10))
+    assert done.usage.prompt_tokens == len(prompt) and done.usage.completion_tokens <= 10
+    if len(full) > 4:
+        cut, done = asyncio.run(run(engine, prompt, 10, stop=(full[2:4],)))
+        assert cut == full[: full.index(full[2:4])] and done.reason == "stop"
+
+
+def test_admission_checks(engine: Engine) -> None:
+    async def scenario() -> None:
+        with pytest.raises(InvalidRequest):
+            engine.submit([], GenerationParams(GREEDY, max_tokens=1))
+        with pytest.raises(ContextLengthExceeded):
+            engine.submit([1] * 1000, GenerationParams(GREEDY, max_tokens=engine.info.n_ctx))
+        prompt = engine.tokenize("x = ")
+        bias = tuple((t, -100.0) for t in engine.info.eog_tokens)
+        sampling = SamplingParams(**{**GREEDY.__dict__, "logit_bias": bias})
+        running = engine.submit(prompt, GenerationParams(sampling, max_tokens=500))
+        while not engine.stats().busy:  # until the worker has taken it
+            await asyncio.sleep(0.01)
+        waiting = engine.submit(prompt, GenerationParams(GREEDY, max_tokens=1))
+        with pytest.raises(QueueFull) as info:  # max_queue=1: one running, one waiting
+            engine.submit(prompt, GenerationParams(GREEDY, max_tokens=1))
+        assert info.value.retry_after >= 1
+        before = engine.stats().cancellations
+        waiting.cancel()
+        assert engine.stats().queue_depth == 0 and engine.stats().cancellations == before + 1
+        running.cancel()
+        events = [e async for e in running.events()]
+        assert isinstance(events[-1], Finished) and events[-1].reason == "cancelled"
+        assert events[-1].usage.completion_tokens < 500
+
+    asyncio.run(scenario())
