@@ -18,7 +18,7 @@ Steps:
         process (nvidia-smi), its RSS, and the buffer sizes llama.cpp logged (from /health);
      c. a fresh process loads the same GGUF through server.loader (same overrides) and times
         llama_decode directly: the raw figures that the HTTP ones are set beside;
-     d. the plan is checked against the buffer sizes llama.cpp reported.
+     d. the plan is checked against the buffer sizes llama.cpp reported (server.loader.compare_buffers).
 Writes gpu-bench.json and gpu-bench.md into --out after every placement, so a run cut short still
 leaves what it measured. Speeds are reported as measured and as HTTP/raw ratios of the same run.
 """
@@ -46,7 +46,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 MiB = 1 << 20
-ROUNDING = MiB // 200 + 1  # llama.cpp logs MiB to two decimals
 
 
 # --- small helpers ------------------------------------------------------------------------------
@@ -217,7 +216,7 @@ def median_of(runs: list[dict[str, float]], key: str) -> float | None:
 def measure_http(args: argparse.Namespace, gguf: Path, case: dict[str, Any], vocab: int, logfile: Path) -> dict:
     port = free_port()
     cmd = [sys.executable, "-m", "server.cli", str(gguf), "--host", "127.0.0.1", "--port", str(port),
-           "--log-level", "warning", *case["flags"], *common_flags(args)]
+           "--log-level", "info", *case["flags"], *common_flags(args)]
     with open(logfile, "w") as sink:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=child_env(), stdout=sink, stderr=subprocess.STDOUT)
         t0 = time.perf_counter()
@@ -301,35 +300,6 @@ def measure_raw(args: argparse.Namespace, gguf: Path, case: dict[str, Any], voca
             "ctx_size": args.ctx_size, "threads": args.threads, "batch": args.batch, "vocab": vocab,
             "prompts": args.prompts, "decode": args.decode, "repeat": args.repeat}
     return run_json([sys.executable, str(Path(__file__).resolve()), "--raw", json.dumps(spec)], args.load_timeout + 600)
-
-
-# --- step 2d: plan against llama.cpp ------------------------------------------------------------
-
-
-def check_plan(plan: dict[str, Any], buffers: dict[str, dict[str, int]]) -> dict[str, Any]:
-    """Planned bytes per device next to the buffer sizes llama.cpp logged."""
-    from server.loader import is_host_buffer
-
-    n_tensors = {d: sum(1 for t in plan["tensors"] if t["device"] == d) for d in ("gpu", "cpu")}
-    rows: dict[str, Any] = {}
-    for kind, planned_of in (("model", lambda d: plan["weights"][d]["total"]),
-                             ("kv", lambda d: plan["kv_cache"][d]),
-                             ("recurrent", lambda d: plan["recurrent_state"][d])):
-        for device in ("gpu", "cpu"):
-            reported = sum(b for name, b in buffers.get(kind, {}).items() if is_host_buffer(name) == (device == "cpu"))
-            planned = planned_of(device)
-            # rounding of each logged size, plus alignment padding per tensor (CUDA: 128 bytes; GGUF: 32)
-            slack = ROUNDING * max(1, len(buffers.get(kind, {}))) + (128 * n_tensors[device] if kind == "model" else 0)
-            rows[f"{kind}_{device}"] = {"planned": planned, "reported": reported, "diff": reported - planned,
-                                        "ok": abs(reported - planned) <= slack}
-    mapped = any(name == "CPU_Mapped" for name in buffers.get("model", {}))
-    extra = any(name in ("CPU_REPACK", "AMX") for name in buffers.get("model", {}))
-    note = None
-    if mapped and extra:
-        # a mapped buffer spans its tensors' file range, which then includes repacked tensors too
-        note = "CPU_Mapped overlaps repacked tensors; expected reported >= planned on the CPU"
-        rows["model_cpu"]["ok"] = rows["model_cpu"]["diff"] >= 0
-    return {"ok": all(r["ok"] for r in rows.values()), "rows": rows, "note": note}
 
 
 # --- driving ------------------------------------------------------------------------------------
@@ -419,6 +389,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from server.loader import compare_buffers
+
     args = parse_args(argv)
     if args.raw:
         print(json.dumps(raw_main(json.loads(args.raw))))
@@ -443,8 +415,8 @@ def main(argv: list[str] | None = None) -> int:
             result["plan"] = run_json(plan_cmd, 300)
             result["http"] = measure_http(args, gguf, case, vocab, work / f"serve-{case['label']}.log")
             result["raw"] = measure_raw(args, gguf, case, vocab)
-            result["plan_check"] = check_plan(result["plan"], result["raw"]["summary"]["buffers"])
-            result["plan_check_server"] = check_plan(result["plan"], result["http"]["placement"].get("buffers", {}))
+            result["plan_check"] = compare_buffers(result["plan"], result["raw"]["summary"]["buffers"])
+            result["plan_check_server"] = compare_buffers(result["plan"], result["http"]["placement"].get("buffers", {}))
             result["plan"] = {k: v for k, v in result["plan"].items() if k != "tensors"}  # keep the report short
         except (RuntimeError, OSError, subprocess.SubprocessError, KeyError, ValueError) as exc:
             result["error"] = f"{type(exc).__name__}: {exc}"

@@ -351,6 +351,8 @@ def resolve_shape(preset: str | None, overrides: dict[str, object]) -> Synthetic
     changes = {k: v for k, v in overrides.items() if v is not None}
     if "vocab" in changes and "bpe_tokens" not in changes:  # fill the vocabulary with merges
         changes["bpe_tokens"] = min(PRESETS[name].bpe_tokens, int(changes["vocab"]) - len(SPECIAL_TOKENS) - len(ADDED_TOKENS))
+    if "n_experts" in changes and "top_k" not in changes:  # fewer experts than the preset routes to
+        changes["top_k"] = min(PRESETS[name].top_k, int(changes["n_experts"]))
     shape = dataclasses.replace(PRESETS[name], **changes)
     checks = (
         (shape.layers >= 1, "layers must be at least 1"),

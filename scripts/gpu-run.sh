@@ -7,9 +7,10 @@
 #   scripts/gpu-run.sh all [options...]     # both
 #
 # Results go to $OUT (default .device/out): gpu-bench.json, gpu-bench.md, plus the server logs.
-# Installs into .venv (created with --system-site-packages so the machine's numpy, jinja2, cmake,
-# ninja and scikit-build-core are used); the model is built under build/gpu-bench. Both survive
-# between runs and are reused, so each phase fits in a few minutes.
+# Installs into the active virtual environment, or else into .venv (created with
+# --system-site-packages so the machine's numpy, jinja2, cmake, ninja and scikit-build-core are
+# used); the model is built under build/gpu-bench. Both are git-ignored, survive between runs and
+# are reused, so each phase fits in a few minutes.
 #   CUDA_ARCHITECTURES  GPU generation to compile for (default 90: Hopper, e.g. H100/H200)
 #   JOBS                parallel compile jobs (default: the number of CPUs)
 set -euo pipefail
@@ -24,13 +25,24 @@ shift || true
 
 fail() { echo "gpu-run: $*" >&2; exit 1; }
 
+# The interpreter to install into: .venv if it exists; the active virtual environment if python3
+# runs in one; otherwise a new .venv that sees the system's packages.
+pick_python() {
+    if [ -x "$VENV/bin/python" ]; then
+        echo "$VENV/bin/python"
+    elif python3 -c 'import sys; sys.exit(sys.prefix == sys.base_prefix)'; then
+        command -v python3
+    else
+        # --without-pip: the machine's pip (a system site package) installs into this venv
+        python3 -m venv --system-site-packages --without-pip "$VENV" && echo "$VENV/bin/python"
+    fi
+}
+
 install() {
     [ -f "$DEV/llama_cpp_python-$LLAMA_VERSION.tar.gz" ] || fail "$DEV is missing; run scripts/gpu-prepare.sh on a machine with network"
-    if [ ! -x "$VENV/bin/python" ]; then
-        # --without-pip: the machine's pip (a system site package) installs into this venv
-        python3 -m venv --system-site-packages --without-pip "$VENV"
-    fi
-    local py="$VENV/bin/python"
+    local py
+    py=$(pick_python)
+    echo "gpu-run: installing into $("$py" -c 'import sys; print(sys.prefix)') ($("$py" --version))"
     "$py" -m pip --version >/dev/null || fail "no pip for $(python3 --version)"
     if "$py" -c 'import llama_cpp, sys; sys.exit(0 if llama_cpp.llama_supports_gpu_offload() else 1)' 2>/dev/null; then
         echo "gpu-run: llama-cpp-python with GPU offload is already installed"
@@ -51,9 +63,11 @@ install() {
 }
 
 bench() {
-    [ -x "$VENV/bin/python" ] || fail "run '$0 install' first"
+    local py
+    py=$(pick_python)
+    "$py" -c 'import llama_cpp' 2>/dev/null || fail "run '$0 install' first"
     mkdir -p "$OUT"
-    "$VENV/bin/python" bench/gpu.py --out "$OUT" --work build/gpu-bench "$@"
+    "$py" bench/gpu.py --out "$OUT" --work build/gpu-bench "$@"
     cp build/gpu-bench/serve-*.log "$OUT"/ 2>/dev/null || true
 }
 

@@ -2,7 +2,8 @@
 
 Used to freeze llama.cpp's own conversion of the reference model as test data
 (tests/data/reference-bf16-digest.json), so the test suite can check `coder-quant build
---preset bf16` against it without llama.cpp's Python converter installed.
+--recipe bf16` against it without llama.cpp's Python converter (and torch) installed. Run it from
+the repository root with the project importable (`pip install -e .` or PYTHONPATH=.).
 
 How tests/data/reference-bf16-digest.json was produced:
 

@@ -1,10 +1,11 @@
 """Tool schemas: reading them, typing argument values by them, and the GBNF grammar that forces a call.
 
 `tool_specs` reads the OpenAI `tools` list into one record per function; `convert_value` types a
-parameter's text by its JSON schema (the parser in `server.toolcalls` uses both). `grammar_for` turns `tool_choice` "required" or a
-named function into a grammar whose every sentence is one (or, with parallel calls, several)
-Qwen3-Coder `<tool_call>` blocks naming an allowed function with its required parameters, in the
-exact layout the chat template renders (fixtures/qwen3-coder.jinja). GBNF syntax:
+parameter's text by its JSON schema (the parser in `server.toolcalls` uses both). `grammar_for`
+turns `tool_choice` "required" or a named function into a grammar whose every sentence is one (or,
+with parallel calls, several) Qwen3-Coder `<tool_call>` blocks naming an allowed function with its
+required parameters, in the exact layout the chat template renders (fixtures/qwen3-coder.jinja).
+GBNF syntax:
 https://github.com/ggml-org/llama.cpp/blob/master/grammars/README.md
 """
 
@@ -24,11 +25,11 @@ ToolChoice = str | Mapping[str, Any] | None
 SCALAR_TYPES = ("null", "boolean", "integer", "number")
 VALUE_TYPES = (*SCALAR_TYPES, "object", "array", "string")
 MAX_BOUNDED_LENGTH = 512  # a string's maxLength above this is left unbounded (GBNF expands {0,n})
+MAX_DIGITS = 4000  # longer integers stay text: Python refuses to print ints past 4300 digits
 PARAM_CLOSE = "</parameter>"
 _INT = re.compile(r"[-+]?\d+")
 _NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 _FAIL = object()
-MAX_DIGITS = 4000  # longer integers are refused: Python will not print ints past 4300 digits
 
 
 class ToolRequestError(ValueError):
@@ -206,10 +207,11 @@ def grammar_for(
 def _call_rule(rules: dict[str, str], prefix: str, spec: ToolSpec) -> str:
     params = list(spec.properties) + [r for r in spec.required if r not in spec.properties]
     parts = [_literal(f"<tool_call>\n<function={spec.name}>\n")]
+    close = _literal(f"\n{PARAM_CLOSE}\n")
     for i, pname in enumerate(params):
         rule = f"{prefix}-p{i}"
         value = _value_rule(rules, rule, spec.properties.get(pname))
-        rules[rule] = f"{_literal(f'<parameter={pname}>' + chr(10))} {value} {_literal(chr(10) + PARAM_CLOSE + chr(10))}"
+        rules[rule] = f"{_literal(f'<parameter={pname}>{chr(10)}')} {value} {close}"
         parts.append(rule if pname in spec.required else f"{rule}?")
     parts.append(_literal("</function>\n</tool_call>"))
     rules[prefix] = " ".join(parts)
@@ -219,24 +221,22 @@ def _call_rule(rules: dict[str, str], prefix: str, spec: ToolSpec) -> str:
 def _value_rule(rules: dict[str, str], name: str, schema: Any) -> str:
     """The rule a parameter's value must match: typed where the schema says so, else free text."""
     types = schema_types(schema)
-    if isinstance(schema, Mapping) and isinstance(schema.get("enum"), list) and schema["enum"]:
-        rules[f"{name}-v"] = " | ".join(_literal(_as_text(v)) for v in schema["enum"])
+    schema = schema if isinstance(schema, Mapping) else {}
+    choices = schema["enum"] if isinstance(schema.get("enum"), list) else [schema["const"]] if "const" in schema else []
+    if choices:
+        rules[f"{name}-v"] = " | ".join(_literal(_as_text(v)) for v in choices)
         return f"{name}-v"
     if "string" in types:
-        limit = schema.get("maxLength") if isinstance(schema, Mapping) else None
+        limit = schema.get("maxLength")
         if isinstance(limit, int) and 0 < limit <= MAX_BOUNDED_LENGTH and types == ("string",):
             return f"[^<]{{0,{limit}}}"
         _add_text_rules(rules)
         return "text"
-    alternatives = []
-    for t in types:
-        if t in ("object", "array"):
-            _add_json_rules(rules)
-            alternatives.append(f"json-{t}")
-        else:
-            _add_scalar_rules(rules)
-            alternatives.append(f"json-{t}")
-    rules[f"{name}-v"] = " | ".join(alternatives)
+    if {"object", "array"} & set(types):
+        _add_json_rules(rules)  # also adds the scalar rules
+    else:
+        _add_scalar_rules(rules)
+    rules[f"{name}-v"] = " | ".join(f"json-{t}" for t in types)
     return f"{name}-v"
 
 

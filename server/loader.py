@@ -67,8 +67,35 @@ def parse_buffer_sizes(text: str) -> dict[str, dict[str, int]]:
     return out
 
 
-def reported_bytes(buffers: dict[str, dict[str, int]], host: bool, kinds=("model", "kv", "recurrent")) -> int:
-    return sum(b for kind in kinds for name, b in buffers[kind].items() if is_host_buffer(name) == host)
+def reported_bytes(buffers: dict[str, dict[str, int]], host: bool,
+                   kinds: tuple[str, ...] = ("model", "kv", "recurrent")) -> int:
+    return sum(b for kind in kinds for name, b in buffers.get(kind, {}).items() if is_host_buffer(name) == host)
+
+
+def compare_buffers(plan: dict[str, Any], buffers: dict[str, dict[str, int]]) -> dict[str, Any]:
+    """Planned bytes (PlacementPlan.to_json()) per device next to the buffer sizes llama.cpp logged.
+
+    Allowed difference: the log's rounding to 0.01 MiB per buffer, plus alignment padding per
+    tensor (GGUF data: 32 bytes, CUDA buffers: 128). A CPU_Mapped buffer spans its tensors' range in
+    the file; where the CPU backend also repacked some of them (CPU_REPACK, AMX) it covers those
+    bytes twice, so there the log may only exceed the plan.
+    """
+    n_tensors = {d: sum(1 for t in plan["tensors"] if t["device"] == d) for d in ("gpu", "cpu")}
+    planned = {"model": plan["weights"], "kv": plan["kv_cache"], "recurrent": plan["recurrent_state"]}
+    names = set(buffers.get("model", {}))
+    overlap = "CPU_Mapped" in names and bool(names & {"CPU_REPACK", "AMX"})
+    rows: dict[str, Any] = {}
+    for kind, per_device in planned.items():
+        for device in ("gpu", "cpu"):
+            want = per_device[device]["total"] if kind == "model" else per_device[device]
+            got = reported_bytes(buffers, host=device == "cpu", kinds=(kind,))
+            slack = (1 << 20) // 200 + 1
+            slack *= max(1, len(buffers.get(kind, {})))
+            slack += 128 * n_tensors[device] if kind == "model" else 0
+            ok = got >= want if (kind, device) == ("model", "cpu") and overlap else abs(got - want) <= slack
+            rows[f"{kind}_{device}"] = {"planned": want, "reported": got, "diff": got - want, "ok": ok}
+    note = "CPU_Mapped overlaps repacked tensors" if overlap else None
+    return {"ok": all(r["ok"] for r in rows.values()), "rows": rows, "note": note}
 
 
 @contextlib.contextmanager

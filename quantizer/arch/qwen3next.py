@@ -16,7 +16,14 @@ import gguf
 import numpy as np
 from gguf import MODEL_ARCH, MODEL_TENSOR, TENSOR_NAMES
 
-from quantizer.arch.base import add_text_hparams, bf16_to_f32, f32_to_bf16, quiet_bf16, reference_type
+from quantizer.arch.base import (
+    add_text_hparams,
+    bf16_to_f32,
+    f32_to_bf16,
+    quiet_bf16,
+    reference_type,
+    rope_parameters,
+)
 from quantizer.errors import CheckpointError
 from quantizer.spec import TensorClass, TensorSpec
 
@@ -299,8 +306,6 @@ def _emission_order(specs: list[TensorSpec], order: Sequence[str]) -> list[Tenso
 
 def add_hparams(writer: gguf.GGUFWriter, config: dict[str, Any], file_type: int) -> None:
     """Hyper-parameters in the reference's order (TextModel, Qwen2MoeModel, Qwen3NextModel)."""
-    from quantizer.arch.base import rope_parameters
-
     d = dims_from_config(config)
     add_text_hparams(writer, config, d.n_layer, file_type)
     if (moe_ff := config.get("moe_intermediate_size")) is not None:

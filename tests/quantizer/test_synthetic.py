@@ -17,6 +17,7 @@ from quantizer.synthetic import (
     SyntheticTensor,
     chat_template,
     config_json,
+    resolve_shape,
     tensor_list,
     tensor_values,
     write_checkpoint,
@@ -123,6 +124,8 @@ def test_shape_overrides_and_fallback_widths(tmp_path: Path) -> None:
     assert opened.shape("model.layers.1.mlp.experts.3.down_proj.weight") == (256, 72)
     assert opened.shape("lm_head.weight") == (600, 256)
     assert json.loads((ckpt.path / "config.json").read_text())["layer_types"] == ["linear_attention"] * 2
+    fewer = resolve_shape("coder-next", {"n_experts": 8, "vocab": 8192})
+    assert (fewer.top_k, fewer.bpe_tokens, fewer.hidden) == (8, 8192 - 26, 2048)
 
 
 def test_mtp_tensors_and_transformers4_config(tmp_path: Path) -> None:

@@ -20,6 +20,7 @@ from server.loader import (
     ModelLoadError,
     PlacedLlama,
     capture_llama_log,
+    compare_buffers,
     cpu_buffer_type,
     open_model,
     parse_buffer_sizes,
@@ -32,15 +33,10 @@ ROUNDING = MiB // 200 + 1  # the log prints MiB to two decimals
 
 
 @pytest.fixture(scope="module")
-def tiny_gguf(tmp_path_factory) -> Path:
-    from quantizer.cli import main
-    from quantizer.synthetic import write_checkpoint
-
-    root = tmp_path_factory.mktemp("tiny")
-    write_checkpoint(root / "hf", preset="tiny")
-    out = root / "tiny.gguf"
-    assert main(["build", str(root / "hf"), str(out), "--quiet"]) == 0
-    return out
+def tiny_gguf(test_gguf: Path) -> Path:
+    """The session's GGUF (tests/server/conftest.py): the reference model built by coder-quant when
+    ../shared is present, else a synthetic "tiny" checkpoint; 4 layers either way."""
+    return test_gguf
 
 
 def settings(**fields) -> SimpleNamespace:
@@ -76,8 +72,41 @@ def test_logged_buffers_match_the_plan(tiny_gguf, mmap):
     assert abs(buffers["kv"]["CPU"] - plan.cache_bytes("kv", "cpu")) <= ROUNDING
     assert abs(buffers["recurrent"]["CPU"] - plan.cache_bytes("recurrent", "cpu")) <= ROUNDING
     assert summary["reported_gpu_bytes"] == summary["gpu_bytes"] == 0
+    assert compare_buffers(plan.to_json(), buffers)["ok"]
     assert llama.n_ctx() == plan.ctx_size
     assert llama.tokenize(b"def f():") and llama.create_completion("def f():", max_tokens=4)["choices"]
+
+
+def test_compare_buffers_finds_a_mismatch():
+    plan = {"tensors": [{"device": "gpu"}, {"device": "cpu"}],
+            "weights": {"gpu": {"total": 100 * MiB}, "cpu": {"total": 50 * MiB}},
+            "kv_cache": {"gpu": 8 * MiB, "cpu": 0}, "recurrent_state": {"gpu": MiB, "cpu": 0}}
+    logged = {"model": {"CUDA0": 100 * MiB, "CUDA_Host": 50 * MiB}, "kv": {"CUDA0": 8 * MiB},
+              "recurrent": {"CUDA0": MiB}, "compute": {"CUDA0": 300 * MiB}}
+    assert compare_buffers(plan, logged)["ok"]
+    logged["model"]["CUDA0"] += MiB  # a tensor the plan put elsewhere
+    check = compare_buffers(plan, logged)
+    assert not check["ok"] and not check["rows"]["model_gpu"]["ok"] and check["rows"]["model_gpu"]["diff"] == MiB
+    # mmap with repacked tensors: the mapped span counts them again, so only "at least" holds on the CPU
+    mapped = {"model": {"CUDA0": 100 * MiB, "CPU_Mapped": 50 * MiB, "CPU_REPACK": 20 * MiB},
+              "kv": {"CUDA0": 8 * MiB}, "recurrent": {"CUDA0": MiB}}
+    assert compare_buffers(plan, mapped)["ok"] and compare_buffers(plan, mapped)["note"]
+
+
+@pytest.mark.skipif(not llama_cpp.llama_supports_gpu_offload(), reason="this llama.cpp build has no GPU backend")
+@pytest.mark.parametrize(("gpu_layers", "cpu_moe_layers"), [("attn", None), ("all", None), ("none", None),
+                                                            ("2", None), ("attn", 2)])
+def test_gpu_placement_matches_logged_buffers(tiny_gguf, gpu_layers, cpu_moe_layers):
+    fields = settings(gpu_layers=gpu_layers, cpu_moe_layers=cpu_moe_layers)
+    llama, summary = open_model(str(tiny_gguf), fields)
+    plan = plan_for_gguf(tiny_gguf, fields, gpu_backend=True)
+    check = compare_buffers(plan.to_json(), summary["buffers"])
+    assert check["ok"], check
+    assert summary["preset_effective"] == gpu_layers and summary["gpu_backend"] is True
+    experts_in_ram = [t for t in plan.tensors if t.tclass == "routed_expert" and t.device == "cpu"]
+    if plan.overrides:
+        assert summary["overridden_tensors"] == len(experts_in_ram)
+    assert llama.create_completion("x = ", max_tokens=2)["choices"]
 
 
 def test_attn_without_gpu_backend_warns_once_and_runs_on_cpu(tiny_gguf, caplog):

@@ -247,15 +247,10 @@ def test_memory_shape_from_metadata():
 
 
 @pytest.fixture(scope="module")
-def tiny_gguf(tmp_path_factory) -> Path:
-    from quantizer.cli import main
-    from quantizer.synthetic import write_checkpoint
-
-    root = tmp_path_factory.mktemp("tiny")
-    write_checkpoint(root / "hf", preset="tiny")
-    out = root / "tiny.gguf"
-    assert main(["build", str(root / "hf"), str(out), "--quiet"]) == 0
-    return out
+def tiny_gguf(test_gguf: Path) -> Path:
+    """The session's GGUF (tests/server/conftest.py): the reference model built by coder-quant when
+    ../shared is present, else a synthetic "tiny" checkpoint; 4 layers either way."""
+    return test_gguf
 
 
 def test_read_gguf_header(tiny_gguf):

@@ -78,12 +78,9 @@ def test_grammar_compiles_in_llama_cpp(tools: list[dict[str, Any]], parallel: bo
 
 
 @pytest.fixture(scope="module")
-def reference_gguf(reference_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from quantizer.cli import main
-
-    out = tmp_path_factory.mktemp("grammar") / "reference.gguf"
-    assert main(["build", str(reference_model), str(out), "--quiet"]) == 0
-    return out
+def reference_gguf(reference_model: Path, test_gguf: Path) -> Path:
+    """The reference model built by `coder-quant build` (tests/server/conftest.py); skipped without it."""
+    return test_gguf
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,124 @@
+"""`coder-serve`: flags onto Settings, one-line errors, --plan, and a real serve in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from server.cli import build_parser, main, settings_from_args
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def settings_for(argv: list[str]):
+    return settings_from_args(build_parser().parse_args(argv))
+
+
+def test_flags_map_onto_settings(tmp_path: Path) -> None:
+    s = settings_for([str(tmp_path / "m.gguf"), "--host", "0.0.0.0", "--port", "9000", "--gpu-layers", "12",
+                      "--cpu-moe-layers", "3", "--ctx-size", "8192", "--threads", "4", "--batch", "256",
+                      "--alias", "coder", "--api-key", "k", "--cors-origin", "http://a", "http://b",
+                      "--max-queue", "2"])
+    assert (s.host, s.port, s.gpu_layers, s.cpu_moe_layers, s.ctx_size, s.threads, s.batch, s.alias) == (
+        "0.0.0.0", 9000, "12", 3, 8192, 4, 256, "coder")
+    assert s.api_key.get_secret_value() == "k" and s.cors_origins == ["http://a", "http://b"] and s.max_queue == 2
+    assert not s.loopback_only
+
+
+def test_defaults_are_safe_and_env_fills_what_flags_leave_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    s = settings_for([])
+    assert s.model is None and s.host == "127.0.0.1" and s.loopback_only and s.api_key is None and s.cors_origins == []
+    monkeypatch.setenv("CODER_SERVE_MAX_QUEUE", "3")
+    monkeypatch.setenv("CODER_SERVE_API_KEY", "from-env")
+    assert settings_for([]).max_queue == 3 and settings_for([]).api_key.get_secret_value() == "from-env"
+    assert settings_for(["--max-queue", "5"]).max_queue == 5  # the flag wins
+
+
+@pytest.mark.parametrize(
+    ("argv", "code", "fragment"),
+    [
+        (["--port", "70000"], 2, "--port"),
+        (["--gpu-layers", "some"], 2, "--gpu-layers"),
+        (["--max-queue", "-1"], 2, "--max-queue"),
+        (["--json"], 2, "--plan"),
+        (["no/such/model.gguf"], 1, "not found"),
+    ],
+)
+def test_bad_input_is_one_line_and_a_nonzero_exit(argv: list[str], code: int, fragment: str,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(argv) == code
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("coder-serve: error:") and "\n" not in err and fragment in err
+
+
+def test_plan_prints_the_placement_without_loading(test_gguf: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([str(test_gguf), "--plan", "--json", "--gpu-layers", "none"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["preset_requested"] == "none"
+    assert main([str(test_gguf), "--plan"]) == 0
+    assert capsys.readouterr().out.strip()
+
+
+def test_plan_of_a_file_that_is_not_a_gguf_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "bad.gguf"
+    bad.write_text("not a gguf")
+    assert main([str(bad), "--plan"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("coder-serve: error:") and "\n" not in err
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _serve(argv: list[str]) -> subprocess.Popen[str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen([sys.executable, "-m", "server.cli", *argv], cwd=ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def test_serves_over_http_then_stops_cleanly(test_gguf: Path) -> None:
+    port = _free_port()
+    proc = _serve([str(test_gguf), "--port", str(port), "--threads", "1", "--ctx-size", "512", "--alias", "cli-model"])
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=5)
+                if health.status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "server did not become healthy"
+            time.sleep(0.1)
+        assert health.json()["model"] == "cli-model"
+        reply = httpx.post(f"http://127.0.0.1:{port}/v1/completions",
+                           json={"model": "cli-model", "prompt": "x", "max_tokens": 2, "temperature": 0}, timeout=60)
+        assert reply.status_code == 200
+    finally:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=60)
+    # uvicorn shuts down gracefully, then lets SIGTERM take its default course (exit status -15)
+    assert proc.returncode in (0, -signal.SIGTERM), out
+    assert "Application shutdown complete" in out and "Traceback" not in out
+
+
+def test_a_model_that_fails_to_load_stops_the_server(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + b"\0" * 64)
+    proc = _serve([str(bad), "--port", str(_free_port())])
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 1
+    assert "coder-serve: error:" in out
