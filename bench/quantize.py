@@ -308,6 +308,7 @@ def end_to_end(src: Path, work: Path, converter: Path, python: Path, args: argpa
     ours, bf16, theirs = work / "one-pass.gguf", work / "two-step-bf16.gguf", work / "two-step.gguf"
     threads = str(args.threads)
     runs: dict[str, list[list[Step]]] = {"one_pass": [], "two_step": []}
+    rules: list[tuple[str, str]] = []
     for r in range(args.repeat):
         for path in ("one_pass", "two_step") if r % 2 == 0 else ("two_step", "one_pass"):
             log(f"end to end, repeat {r + 1}/{args.repeat}: {path.replace('_', ' ')}")
@@ -321,9 +322,9 @@ def end_to_end(src: Path, work: Path, converter: Path, python: Path, args: argpa
             convert = [str(python), str(wrapper), str(converter), args.converter_pre, str(src),
                        "--outtype", "bf16", "--no-mtp", "--outfile", str(bf16)]
             first = measure("convert_hf_to_gguf.py --outtype bf16", convert, [bf16], logs, env=dict(os.environ))
-            rules = json.dumps(keep_rules(bf16))  # what a user would pass as --tensor-type, worked out off the clock
+            rules = keep_rules(bf16)  # what a user would pass as --tensor-type, worked out off the clock
             quantize = [sys.executable, str(Path(__file__).resolve()), CHILD, "llama-quantize", str(bf16), str(theirs),
-                        threads, rules]
+                        threads, json.dumps(rules)]
             second = measure("llama_model_quantize", quantize, [theirs], logs)
             runs[path].append([first, second])
     totals = {path: [total(steps) for steps in reps] for path, reps in runs.items()}
@@ -331,7 +332,7 @@ def end_to_end(src: Path, work: Path, converter: Path, python: Path, args: argpa
     ratios = {k: median["one_pass"][k] / median["two_step"][k] for k in median["one_pass"]}
     return {"runs": {p: [[asdict(s) for s in steps] for steps in reps] for p, reps in runs.items()},
             "median": median, "ratios": ratios, "outputs_compared": compare_outputs(ours, theirs),
-            "override_rules": keep_rules(bf16)}
+            "override_rules": rules}
 
 
 def total(steps: list[Step]) -> dict[str, float]:
@@ -503,9 +504,11 @@ def run(argv: list[str]) -> dict[str, Any]:
         warm([src / name for name in facts["files"]])
         e2e = end_to_end(src, work, converter, python, args)
         tput = expert_throughput(src, work, args)
-    finally:
-        if args.work is None and not args.keep:
-            shutil.rmtree(work, ignore_errors=True)
+    except BaseException:
+        log(f"scratch folder kept for inspection: {work}")
+        raise
+    if args.work is None and not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
     result = {"date": started, "command": shlex.join(["python", "bench/quantize.py", *argv]),
               "machine": machine(), "load_average": {"start": load_start, "end": os.getloadavg()},
               "threads": args.threads, "repeat": args.repeat, "recipe": RECIPE, "converter": converter.name,
@@ -518,9 +521,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == [CHILD]:
         return child_main(argv[1:])
+    from quantizer.errors import QuantError
+
     try:
         result = run(argv)
-    except BenchError as exc:
+    except (BenchError, QuantError) as exc:
         print(f"bench/quantize.py: error: {exc}", file=sys.stderr)
         return 2
     args = parse_args(argv)

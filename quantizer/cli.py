@@ -58,6 +58,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("coder-quant: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # Output piped into `head` and friends: stop quietly, as other tools do.
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":

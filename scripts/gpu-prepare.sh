@@ -8,7 +8,7 @@
 #   llama_cpp_python-0.3.36.tar.gz  the sdist, without llama.cpp's models, docs, tests, examples,
 #                                   benches, tools/server, tools/ui and .git (not needed to build)
 #   wheels/                         every Python dependency the GPU machine lacks, for CPython
-#                                   3.10-3.13 on x86-64 and arm64 Linux
+#                                   3.10-3.14 on x86-64 and arm64 Linux
 #   requirements.txt                what scripts/gpu-run.sh installs from wheels/
 # The GPU machine is assumed to have Python with pip, scikit-build-core, cmake, ninja, numpy and
 # jinja2, plus the CUDA toolkit; scripts/gpu-run.sh installs the rest from here.
@@ -18,7 +18,7 @@ cd "$(dirname "$0")/.."
 LLAMA_VERSION=0.3.36
 DEST=.device
 LIMIT_MIB=64
-PY_VERSIONS=(3.10 3.11 3.12 3.13)
+PY_VERSIONS=(3.10 3.11 3.12 3.13 3.14)
 PLATFORMS=(x86_64 aarch64)
 # Present on the GPU machine already (and large): never carried.
 PROVIDED='^(numpy|jinja2|markupsafe|scikit-build-core|cmake|ninja)$'
@@ -60,9 +60,12 @@ for py in "${PY_VERSIONS[@]}"; do
     for arch in "${PLATFORMS[@]}"; do
         platform_flags=(--platform "manylinux_2_28_$arch" --platform "manylinux_2_17_$arch" --platform "manylinux2014_$arch")
         # Resolve for that interpreter and platform without installing anything, then fetch each wheel.
-        "$PYTHON" -m pip install --quiet --dry-run --ignore-installed --only-binary=:all: \
+        if ! "$PYTHON" -m pip install --quiet --dry-run --ignore-installed --only-binary=:all: \
             --python-version "$py" "${platform_flags[@]}" --target "$tmp/unused" \
-            --report "$tmp/report.json" -r "$DEST/requirements.txt"
+            --report "$tmp/report.json" -r "$DEST/requirements.txt"; then
+            echo "gpu-prepare: warning: no complete set of wheels for Python $py on $arch; skipped" >&2
+            continue
+        fi
         "$PYTHON" - "$tmp/report.json" "$PROVIDED" > "$tmp/pins.txt" <<'EOF'
 import json, re, sys
 report = json.load(open(sys.argv[1]))

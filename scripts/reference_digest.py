@@ -14,8 +14,9 @@ How tests/data/reference-bf16-digest.json was produced:
      small vocabulary; the run answered "qwen2" there (the reference tokenizer uses Qwen's
      pre-tokenizer pattern, as real Qwen3 checkpoints do). Nothing else was changed.
      Result: 73 tensors (42 BF16, 31 F32), tokenizer.ggml.pre = qwen2.
-     The converter reads config.json through transformers' AutoConfig (transformers 5.24.0 here),
-     which fills in derived keys such as layer_types.
+     The converter reads config.json through transformers' AutoConfig, which fills in derived
+     keys such as layer_types; transformers 5.24.0 and 4.57.6 (the converter's pinned version)
+     gave byte-identical files.
   2. python scripts/reference_digest.py reference-bf16.gguf tests/data/reference-bf16-digest.json \
          --source ../shared/reference-model
 

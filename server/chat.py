@@ -99,7 +99,7 @@ async def complete_chat(job: Job, turn: ChatTurn) -> dict[str, Any]:
         index=0,
         message=message,
         logprobs=chat_logprobs(logprobs) if turn.logprobs else None,
-        finish_reason="tool_calls" if calls else final.reason,
+        finish_reason="tool_calls" if calls and final.reason == "stop" else final.reason,  # "length" wins
     )
     completion = ChatCompletion(
         id=new_id("chatcmpl"),
@@ -149,10 +149,16 @@ async def stream_chat(job: Job, turn: ChatTurn) -> AsyncIterator[dict[str, str]]
     chunks = _Chunks(turn)
     parser = toolcalls.StreamParser(turn.tools, enabled=bool(turn.tools))
     held: list[TokenLogprob] = []  # logprobs wait for the next content chunk
+    started = False
 
     def emit(events: list[toolcalls.Event]) -> list[dict[str, str]]:
+        nonlocal started
         out = []
         for event in events:
+            if not started:  # like OpenAI: content "" opens a text answer, null one made of tool calls
+                started = True
+                opening = "" if isinstance(event, toolcalls.ContentDelta) else None
+                out.append(chunks.make(ChoiceDelta(role="assistant", content=opening)))
             lp = None
             if isinstance(event, toolcalls.ContentDelta) and held and turn.logprobs:
                 lp = chat_logprobs(held)
@@ -161,7 +167,6 @@ async def stream_chat(job: Job, turn: ChatTurn) -> AsyncIterator[dict[str, str]]
         return out
 
     try:
-        yield chunks.make(ChoiceDelta(role="assistant", content=""))
         async for event in job.events():
             if isinstance(event, TextDelta):
                 held.extend(event.logprobs)
@@ -170,9 +175,11 @@ async def stream_chat(job: Job, turn: ChatTurn) -> AsyncIterator[dict[str, str]]
             elif isinstance(event, Finished) and event.reason != "cancelled":
                 for item in emit(parser.close()):
                     yield item
+                if not started:
+                    yield chunks.make(ChoiceDelta(role="assistant", content=""))
                 if held and turn.logprobs:
                     yield chunks.make(ChoiceDelta(), logprobs=chat_logprobs(held))
-                reason = "tool_calls" if parser.has_tool_calls else event.reason
+                reason = "tool_calls" if parser.has_tool_calls and event.reason == "stop" else event.reason
                 yield chunks.make(ChoiceDelta(), finish=reason)
                 if turn.include_usage:
                     final = ChatCompletionChunk(

@@ -9,7 +9,6 @@ than through Llama.create_completion, to own cancellation, usage counts, stop st
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import logging
 import math
 import threading
@@ -24,6 +23,7 @@ import llama_cpp
 from server.errors import ContextLengthExceeded, InvalidRequest, ModelNotReady, QueueFull
 from server.events import Event, Failed, Finished, TextDelta, TokenLogprob, Usage
 from server.logprobs import token_logprob
+from server.modelinfo import ModelInfo, context_message, describe, token_piece
 from server.sampler import SamplerChain, SamplingParams, check_grammar
 from server.textstream import TextStream
 
@@ -42,22 +42,6 @@ class GenerationParams:
     grammar: str | None = None  # GBNF with a `root` rule
     logprobs: bool = False
     top_logprobs: int = 0
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    n_ctx: int
-    n_ctx_train: int
-    n_vocab: int
-    add_bos: bool
-    bos_token: str
-    eos_token: str
-    chat_template: str | None
-    eog_tokens: tuple[int, ...]  # tokens that end a generation (llama_vocab_is_eog)
-    description: str  # llama.cpp's one-line description, e.g. "qwen3next 80B.A3B IQ4_XS"
-    size_bytes: int
-    n_params: int
-    placement: dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -247,6 +231,7 @@ class Engine:
             except Exception:
                 log.exception("generation failed")
                 final = Failed(Usage(len(job.tokens), 0))
+                self._llama.reset()  # what the context holds is unknown now: start the next prompt afresh
             with self._cond:  # done before the client hears of it, so a late cancel() is a no-op
                 self._active, job.status = None, "done"
                 self._counts["completed"] += 1
@@ -282,8 +267,10 @@ class Engine:
             self._active, job.status = job, "running"
             return job
 
-    def _evaluate_prompt(self, tokens: Sequence[int]) -> int:
-        """Bring the context to hold exactly `tokens`, reusing the longest prefix it already holds.
+    def _evaluate_prompt(self, tokens: Sequence[int], stop: threading.Event) -> int:
+        """Bring the context to hold exactly `tokens`, reusing the longest prefix it already holds;
+        returns how many tokens were evaluated. Checks `stop` between batches, so a cancelled request
+        with a long prompt lets go of the engine early (the context then holds part of the prompt).
 
         The one place prompts are evaluated (a prompt cache for hybrid recurrent models hooks in here).
         Recurrent state cannot always be cut back to an arbitrary position; then we start over.
@@ -302,8 +289,13 @@ class Engine:
             else:
                 llama.reset()
                 common = 0
-        llama.eval(tokens[common:])
-        return len(tokens) - common
+        rest = list(tokens[common:])
+        step = max(1, llama.n_batch)
+        for start in range(0, len(rest), step):
+            if stop.is_set():
+                return start
+            llama.eval(rest[start : start + step])  # Llama.eval records the tokens it holds
+        return len(rest)
 
     def _generate(self, job: Job) -> Finished:
         llama, p, info = self._llama, job.params, self._info
@@ -311,7 +303,7 @@ class Engine:
         t0 = time.perf_counter()
         if job.cancel_requested.is_set():
             return Finished("cancelled", Usage(n_prompt, 0))
-        n_evaluated = self._evaluate_prompt(job.tokens)
+        n_evaluated = self._evaluate_prompt(job.tokens, job.cancel_requested)
         t1 = time.perf_counter()
         limit = info.n_ctx - n_prompt if p.max_tokens is None else min(p.max_tokens, info.n_ctx - n_prompt)
         text = TextStream(p.stop)
@@ -364,47 +356,3 @@ class Engine:
                 self._seconds["last_prompt_tps"] = n_evaluated / prompt_s
             if decode_s > 0 and n_gen > 1:
                 self._seconds["last_decode_tps"] = (n_gen - 1) / decode_s
-
-
-def token_piece(vocab: Any, token: int) -> bytes:
-    """A token's bytes; special tokens such as <tool_call> are rendered as their text."""
-    buf = ctypes.create_string_buffer(64)
-    n = llama_cpp.llama_token_to_piece(vocab, token, buf, len(buf), 0, True)
-    if n < 0:
-        buf = ctypes.create_string_buffer(-n)
-        n = llama_cpp.llama_token_to_piece(vocab, token, buf, len(buf), 0, True)
-    return buf.raw[:n]
-
-
-def describe(llama: Any, placement: dict[str, Any]) -> ModelInfo:
-    model = llama._model
-    vocab = llama_cpp.llama_model_get_vocab(llama.model)
-    bos, eos = llama.token_bos(), llama.token_eos()
-    return ModelInfo(
-        n_ctx=llama.n_ctx(),
-        n_ctx_train=model.n_ctx_train(),
-        n_vocab=llama.n_vocab(),
-        add_bos=bool(llama_cpp.llama_vocab_get_add_bos(vocab)),
-        bos_token=model.token_get_text(bos) if bos >= 0 else "",
-        eos_token=model.token_get_text(eos) if eos >= 0 else "",
-        chat_template=llama.metadata.get("tokenizer.chat_template"),
-        eog_tokens=tuple(t for t in range(llama.n_vocab()) if llama_cpp.llama_vocab_is_eog(vocab, t)),
-        description=model.desc(),
-        size_bytes=model.size(),
-        n_params=model.n_params(),
-        placement=dict(placement),
-    )
-
-
-def context_message(n_ctx: int, n_prompt: int, max_tokens: int | None) -> str:
-    """OpenAI's wording for context_length_exceeded."""
-    if max_tokens is None:
-        return (
-            f"This model's maximum context length is {n_ctx} tokens. However, your messages resulted in "
-            f"{n_prompt} tokens. Please reduce the length of the messages."
-        )
-    return (
-        f"This model's maximum context length is {n_ctx} tokens. However, you requested "
-        f"{n_prompt + max_tokens} tokens ({n_prompt} in the messages, {max_tokens} in the completion). "
-        "Please reduce the length of the messages or completion."
-    )

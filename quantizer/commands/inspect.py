@@ -6,7 +6,10 @@ import argparse
 import json
 from pathlib import Path
 
-from quantizer.inspect import GgufSummary, summarize
+from quantizer.inspect import PROVENANCE_PREFIX, GgufSummary, summarize
+
+# Parallel lists the writer records: shown as one "sha256  file" line per source file.
+SOURCE_FILES, SOURCE_SHA256 = PROVENANCE_PREFIX + "source.files", PROVENANCE_PREFIX + "source.sha256"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -47,8 +50,16 @@ def format_summary(s: GgufSummary, tensors: bool) -> str:
                     shape = "x".join(str(n) for n in t.shape)
                     lines.append(f"  {t.name:<{width}}  {t.ggml_type:<8} {shape:<18} {t.nbytes:>14,}")
     lines += ["", "provenance:" if s.provenance else "provenance: none (not written by coder-quant)"]
+    provenance = dict(s.provenance)
+    files, hashes = provenance.get(SOURCE_FILES), provenance.get(SOURCE_SHA256)
+    paired = isinstance(files, list) and isinstance(hashes, list) and len(files) == len(hashes)
     for key, value in s.provenance:
-        if isinstance(value, list):
+        if paired and key == SOURCE_SHA256:
+            continue
+        if paired and key == SOURCE_FILES:
+            lines.append(f"  {PROVENANCE_PREFIX}source (sha256, file):")
+            lines += [f"    {digest}  {name}" for name, digest in zip(files, hashes, strict=True)]
+        elif isinstance(value, list):
             lines.append(f"  {key}:")
             lines += [f"    {item}" for item in value]
         else:

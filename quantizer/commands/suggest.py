@@ -1,0 +1,82 @@
+"""`coder-quant suggest SRC_DIR --ram-budget SIZE`: measure expert sensitivity, propose a recipe."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from quantizer.commands.eval import format_result, read_text
+from quantizer.imatrix_collect import default_calibration_text
+from quantizer.suggest import EXPERT_TYPES, Suggestion, parse_size, suggest
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "suggest",
+        help="measure how much each routed-expert group suffers from quantization and propose a recipe",
+        description="Build the BF16 GGUF and, for every routed-expert group and candidate type, a GGUF with "
+        "only that group quantized (with an importance matrix); measure each one's KL divergence on the "
+        "calibration text, then choose the types that fit the budgets with the lowest total. Sizes: "
+        "14805408, 12MB (10^6), 12MiB or 12M (2^20).",
+    )
+    p.add_argument("source", type=Path, metavar="SRC_DIR", help="Hugging Face checkpoint folder")
+    p.add_argument("--ram-budget", required=True, type=parse_size, metavar="SIZE",
+                   help="system RAM for the weights (everything, without --vram-budget)")
+    p.add_argument("--vram-budget", type=parse_size, default=None, metavar="SIZE",
+                   help="GPU memory: attention, SSM and shared-expert tensors go there, routed experts stay in RAM")
+    p.add_argument("--text", type=Path, default=None, help="calibration text (default: Python stdlib sources)")
+    p.add_argument("--imatrix", type=Path, default=None, help="importance matrix to use (default: collect one)")
+    p.add_argument("--ctx", type=int, default=512, help="tokens per chunk")
+    p.add_argument("--chunks", type=int, default=32, help="chunks scored per measurement (default 32)")
+    p.add_argument("--granularity", choices=("kind", "layer"), default="layer",
+                   help="one type per expert kind (gate/up/down), or per kind and layer (default)")
+    p.add_argument("--types", default=",".join(EXPERT_TYPES),
+                   help=f"candidate expert types, comma separated (default {','.join(EXPERT_TYPES)})")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="quantization threads")
+    p.set_defaults(handler=run)  # fmt: skip
+
+
+def render(s: Suggestion) -> str:
+    lines = [*s.notes, "", "why (each step spends bytes where they remove the most KLD per byte):"]
+    lines += [f"  {st.group:<24} {st.old:>7} -> {st.new:<7} +{st.added_bytes:>12,} bytes  "
+              f"-{st.kld_saved:.6f} KLD" for st in s.allocation.steps]  # fmt: skip
+    lines += ["", "chosen types:"]
+    lines += [f"  {g:<24} {t}" for g, t in s.allocation.choice]
+    lines += [
+        "",
+        f"routed experts: {s.allocation.expert_bytes:,} of {s.expert_budget:,} bytes",
+        f"predicted mean KLD (sum of the groups' own): {s.allocation.predicted_kld:.6f}",
+    ]
+    if s.measured is not None:
+        lines += ["measured on the calibration text:", format_result(s.measured)]
+    rules = " ".join(f"--rule '{r}'" for r in s.rules)
+    lines += ["", f"build it with: coder-quant build SRC_DIR OUT.gguf --recipe bf16 --imatrix IMATRIX {rules}"]
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.text is not None:
+        text = read_text(args.text)
+    else:
+        text, _ = default_calibration_text()
+    logging.getLogger("gguf").setLevel(logging.WARNING)
+    for name in ("quantizer.build", "quantizer.writer", "quantizer.evaluate", "quantizer.source"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    result = suggest(
+        args.source,
+        args.ram_budget,
+        text,
+        vram_budget=args.vram_budget,
+        ctx=args.ctx,
+        chunks=args.chunks,
+        granularity=args.granularity,
+        types=[t.strip().lower() for t in args.types.split(",") if t.strip()],
+        imatrix=args.imatrix,
+        threads=args.threads,
+        progress=lambda msg: print(msg, file=sys.stderr, flush=True),
+    )
+    print(render(result))
+    return 0
