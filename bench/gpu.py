@@ -5,7 +5,7 @@ does the whole job on a machine without network), from the repository root:
 
     python bench/gpu.py --out results/                    # Qwen3-Coder-Next layer shapes, 4 layers
     python bench/gpu.py --out results/ --layers 8 --cpu-moe 2 4
-    python bench/gpu.py --out /tmp/dry --shape tiny --prompts 64 256 --decode 16   # minutes, any CPU
+    python bench/gpu.py --out dry-run/ --shape tiny --prompts 64 256 --decode 16  # minutes, any CPU
 
 Steps:
   1. write a checkpoint with Qwen3-Coder-Next's layer shapes and random weights
@@ -48,7 +48,7 @@ sys.path.insert(0, str(ROOT))
 MiB = 1 << 20
 
 
-# --- small helpers ------------------------------------------------------------------------------
+# --- utilities --------------------------------------------------------------------------------------
 
 
 def log(message: str) -> None:

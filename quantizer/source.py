@@ -14,7 +14,7 @@ import logging
 import math
 import mmap
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -184,12 +184,22 @@ class Checkpoint:
         data = np.frombuffer(self._maps[entry.file], dtype=READABLE[entry.dtype], count=count, offset=entry.start)
         return data.reshape(entry.shape)
 
-    def release(self) -> None:
-        """Drop mapped pages from this process (they stay in the page cache): called after each
-        output tensor, so resident memory tracks the tensor being built, not the model."""
-        for mapping in self._maps.values():
-            if hasattr(mapping, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+    def release(self, names: Iterable[str] | None = None) -> None:
+        """Drop mapped pages (of `names`, default all) from this process; they stay in the page
+        cache. The writer calls it after each output tensor, so resident memory tracks the tensor
+        being built, not the model."""
+        if not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        if names is None:
+            for mapping in self._maps.values():
                 mapping.madvise(mmap.MADV_DONTNEED)
+            return
+        for name in names:
+            entry = self.entry(name)
+            mapping = self._maps.get(entry.file)
+            if mapping is not None and entry.nbytes:
+                start = entry.start - entry.start % mmap.PAGESIZE
+                mapping.madvise(mmap.MADV_DONTNEED, start, entry.start + entry.nbytes - start)
 
     def close(self) -> None:
         self._maps.clear()  # each mapping closes when the last array viewing it goes

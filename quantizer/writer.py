@@ -112,6 +112,7 @@ def tensor_data(checkpoint: Checkpoint, arch: ModuleType, entry: PlannedTensor,
     if entry.type == spec.base_type:
         return arch.build_tensor(checkpoint, spec)
     values = arch.tensor_f32(checkpoint, spec)
+    checkpoint.release()  # the source pages are no longer needed while quantizing
     if entry.type == "f32":
         return values
     if entry.type == "bf16":

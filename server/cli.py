@@ -17,6 +17,9 @@ from typing import Any
 from pydantic import ValidationError
 
 from server import __version__
+from server.settings import Settings
+
+DEFAULT = {name: field.default for name, field in Settings.model_fields.items()}
 
 # flag -> Settings field, for flags whose value is copied as given.
 FLAG_FIELDS = (
@@ -26,35 +29,38 @@ FLAG_FIELDS = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="coder-serve", description=__doc__.splitlines()[0].split(": ", 1)[1])
+    p = argparse.ArgumentParser(
+        prog="coder-serve",
+        description="Serve a GGUF (Qwen3-Coder-Next and models like it) through an OpenAI-compatible API.",
+        epilog="Every option can also be set as an environment variable: CODER_SERVE_<OPTION>, e.g. "
+        "CODER_SERVE_API_KEY (better than --api-key, which other users can see in the process list).",
+    )
     p.add_argument("model", nargs="?", type=Path, metavar="MODEL.gguf",
                    help="GGUF to serve (default: the built-in demo model, built on first run)")
     p.add_argument("--version", action="version", version=f"coder-serve {__version__}")
-    p.add_argument("--host", help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, help="port (default 8080)")
+    p.add_argument("--host", help=f"address to bind (default {DEFAULT['host']}: this machine only)")
+    p.add_argument("--port", type=int, help=f"port (default {DEFAULT['port']})")
     p.add_argument("--gpu-layers", metavar="attn|all|none|N",
-                   help="what goes to the GPU: attn = all layers but routed experts (default), all, none, "
-                        "or the last N layers")
+                   help="what goes to the GPU: attn = all layers but routed experts, all, none, or the last N "
+                        f"layers (default {DEFAULT['gpu_layers']})")
     p.add_argument("--cpu-moe-layers", type=int, metavar="N", help="keep routed experts of the first N layers in RAM")
-    p.add_argument("--ctx-size", type=int, metavar="N", help="context length in tokens (0: the model's own)")
+    p.add_argument("--ctx-size", type=int, metavar="N", help=f"context length in tokens, 0 for the model's own (default {DEFAULT['ctx_size']})")
     p.add_argument("--threads", type=int, metavar="N", help="CPU threads (default: llama.cpp's choice)")
-    p.add_argument("--batch", type=int, metavar="N", help="prompt tokens per evaluation step")
+    p.add_argument("--batch", type=int, metavar="N", help=f"prompt tokens per evaluation step (default {DEFAULT['batch']})")
     p.add_argument("--alias", metavar="NAME", help="model id shown to clients (default: the file name)")
-    p.add_argument("--api-key", metavar="KEY", help="require 'Authorization: Bearer KEY' (or CODER_SERVE_API_KEY)")
+    p.add_argument("--api-key", metavar="KEY", help="require 'Authorization: Bearer KEY' on /v1/* and /metrics")
     p.add_argument("--cors-origin", dest="cors_origins", action="extend", nargs="+", metavar="ORIGIN",
                    help="allow browser requests from these origins (CORS is off by default)")
-    p.add_argument("--max-queue", type=int, metavar="N", help="requests waiting behind the running one (default 16)")
-    p.add_argument("--max-body-bytes", type=int, metavar="N", help="largest request body (default 8 MiB)")
+    p.add_argument("--max-queue", type=int, metavar="N", help=f"requests waiting behind the running one (default {DEFAULT['max_queue']})")
+    p.add_argument("--max-body-bytes", type=int, metavar="N", help=f"largest request body in bytes (default {DEFAULT['max_body_bytes']})")
     p.add_argument("--cache-dir", type=Path, metavar="DIR", help="where the demo model is built")
-    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), help=f"(default {DEFAULT['log_level']})")
     p.add_argument("--plan", action="store_true", help="print the tensor placement and exit without loading")
     p.add_argument("--json", action="store_true", help="with --plan: print the plan as JSON")
     return p
 
 
-def settings_from_args(args: argparse.Namespace) -> Any:
-    from server.settings import Settings
-
+def settings_from_args(args: argparse.Namespace) -> Settings:
     values: dict[str, Any] = {name: getattr(args, name) for name in FLAG_FIELDS if getattr(args, name) is not None}
     if args.model is not None:
         values["model"] = args.model
@@ -69,7 +75,7 @@ def _first_error(exc: ValidationError) -> str:
     return f"--{name.replace('_', '-')}: {err.get('msg', 'invalid value')}"
 
 
-def _plan(settings: Any, as_json: bool) -> int:
+def _plan(settings: Settings, as_json: bool) -> int:
     from server.placement import PlacementError, plan_for_gguf
 
     if settings.model is None:
@@ -85,15 +91,19 @@ def _plan(settings: Any, as_json: bool) -> int:
     return 0
 
 
-def _serve(settings: Any) -> int:
+def _serve(settings: Settings) -> int:
     import uvicorn
 
     from server.app import create_app, create_engine
 
     engine = create_engine(settings)
     app = create_app(settings, engine)
-    server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port,
-                                           log_level=settings.log_level, access_log=False))
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                            access_log=settings.log_level == "debug", timeout_graceful_shutdown=5)
+    server = uvicorn.Server(config)
+    if not settings.loopback_only and settings.api_key is None:
+        logging.getLogger("server").warning("listening on %s without --api-key: anyone who can reach it can use it",
+                                            settings.host)
 
     def stop_if_load_failed() -> None:
         if engine.wait_loaded() == "failed":

@@ -80,11 +80,22 @@ class Job:
             self.cancel_requested.set()
 
     async def events(self) -> AsyncIterator[Event]:
-        """Events up to and including the final Finished or Failed; leaving early cancels the job."""
+        """Events up to and including the final Finished or Failed; leaving early cancels the job.
+
+        Text that piled up while the reader was busy (a slow client) comes as one merged delta, so a
+        reader that falls behind catches up in fewer, larger chunks.
+        """
         finished = False
         try:
             while not finished:
                 event = await self._events.get()
+                while isinstance(event, TextDelta) and not self._events.empty():
+                    following = self._events.get_nowait()
+                    if not isinstance(following, TextDelta):
+                        yield event
+                        event = following
+                        break
+                    event = TextDelta(event.text + following.text, event.logprobs + following.logprobs)
                 finished = not isinstance(event, TextDelta)
                 yield event
         finally:

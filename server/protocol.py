@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import logging
 from typing import Annotated, Any, Literal
 
 from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
@@ -20,6 +21,8 @@ from server.engine import GenerationParams
 from server.errors import InvalidRequest
 from server.sampler import SamplingParams
 from server.settings import Settings
+
+log = logging.getLogger(__name__)
 
 INT64 = 2**63
 MAX_TOKENS = 2**31 - 1  # llama.cpp counts tokens in int32
@@ -269,8 +272,11 @@ class ChatCompletionRequest(_Model):
             kwargs["parallel_tool_calls"] = self.parallel_tool_calls is not False
         try:
             return grammar_for(self.tool_dicts(), choice, **kwargs)
-        except ValueError as exc:  # the tool-call module's typed error names the field in .param
-            raise InvalidRequest(str(exc), param=getattr(exc, "param", "tool_choice")) from None
+        except ValueError as exc:
+            if hasattr(exc, "param"):  # the tool-call module's typed, user-facing error names the field
+                raise InvalidRequest(str(exc), param=exc.param) from None
+            log.warning("no grammar for these tools: %s", exc)
+            raise InvalidRequest("These tools cannot be turned into a grammar", param="tools") from None
 
 
 # ---- completions ----

@@ -13,6 +13,10 @@ from typing import Any
 
 import llama_cpp
 
+# Below this, temperature decodes greedily: dividing float32 logits by a smaller number overflows to inf,
+# and llama.cpp's draw then picks an arbitrary token.
+MIN_TEMPERATURE = 1e-4
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -73,7 +77,7 @@ class SamplerChain:
             )
         if grammar is not None:
             self._add(_init_grammar(vocab, grammar))
-        if p.temperature == 0.0:
+        if p.temperature < MIN_TEMPERATURE:
             self._add(llama_cpp.llama_sampler_init_greedy())
             return
         if p.top_k > 0:

@@ -28,7 +28,7 @@ DONE = "[DONE]"  # OpenAI's end-of-stream sentinel
 
 
 def sse_data(payload: dict[str, Any] | str) -> dict[str, str]:
-    return {"data": payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)}
+    return {"data": payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False, separators=(",", ":"))}
 
 
 def stream_error(message: str) -> dict[str, str]:

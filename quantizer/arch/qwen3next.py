@@ -84,6 +84,8 @@ class Checkpoint(Protocol):
 
     def shape(self, name: str) -> tuple[int, ...]: ...
 
+    def release(self, names: Iterable[str] | None = None) -> None: ...
+
 
 @dataclass(frozen=True)
 class Dims:
@@ -390,7 +392,16 @@ def build_tensor(checkpoint: Checkpoint, spec: TensorSpec) -> np.ndarray:
 
 
 def tensor_f32(checkpoint: Checkpoint, spec: TensorSpec) -> np.ndarray:
-    """Float32 values of a tensor as the bf16 GGUF holds them: what llama-quantize would read."""
+    """Float32 values of a tensor as the bf16 GGUF holds them: what llama-quantize would read.
+
+    Stacked experts are widened one expert at a time, so only the float32 result is large."""
+    if spec.transform == "stack":
+        out = np.empty(spec.shape, dtype=np.float32)
+        for i, source in enumerate(spec.sources):
+            part = TensorSpec(spec.name, (source,), spec.shape[1:], spec.tclass, spec.base_type, "copy")
+            out[i] = tensor_f32(checkpoint, part)
+            checkpoint.release((source,))
+        return out
     values = build_tensor(checkpoint, spec)
     return bf16_to_f32(values) if spec.base_type == "bf16" else values
 

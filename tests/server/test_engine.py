@@ -105,3 +105,16 @@ def test_admission_checks(engine: Engine) -> None:
         assert events[-1].usage.completion_tokens < 500
 
     asyncio.run(scenario())
+
+
+def test_a_vanishing_temperature_decodes_greedily(engine: Engine) -> None:
+    prompt = engine.tokenize("def f(")
+    tiny = SamplingParams(**{**GREEDY.__dict__, "temperature": 1e-38, "seed": 3})
+    greedy_text, _ = asyncio.run(run(engine, prompt, 5))
+    job_text = asyncio.run(_run_with(engine, prompt, tiny))
+    assert job_text == greedy_text
+
+
+async def _run_with(engine: Engine, prompt: list[int], sampling: SamplingParams) -> str:
+    job = engine.submit(prompt, GenerationParams(sampling, max_tokens=5))
+    return "".join([e.text async for e in job.events() if isinstance(e, TextDelta)])
