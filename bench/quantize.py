@@ -5,26 +5,15 @@ From the repository root, with llama.cpp's converter and a Python that can run i
     python bench/quantize.py --converter PATH/convert_hf_to_gguf.py --converter-python PATH/python
     python bench/quantize.py --src ../shared/reference-model --json out.json --markdown out.md
 
-(--converter / --converter-python default to $LLAMA_CPP_CONVERTER / $LLAMA_CPP_CONVERTER_PYTHON.)
-Without --src, a synthetic checkpoint with Qwen3-Coder-Next's layer shapes is written first
-(quantizer.synthetic.write_checkpoint; 1 layer, 16 experts, 8192-token vocabulary: ~230 MB).
-
-1. End to end, same checkpoint, same recipe (routed experts IQ4_XS, every other tensor kept as the
-   BF16 conversion writes it), each step a child process measured with wait4(): wall time, CPU
-   time, peak RSS (ru_maxrss) and bytes written, both as the sizes of the files left behind and as
-   the kernel's storage-write count (ru_oublock x 512, the counter behind /proc/PID/io write_bytes).
-   - one pass:  coder-quant build SRC OUT --threads N
-   - two steps: convert_hf_to_gguf.py SRC --outtype bf16 --no-mtp (intermediate BF16 GGUF), then
-     llama_model_quantize(BF16 GGUF, OUT, nthread=N) with --tensor-type style overrides.
-   The two outputs are then compared tensor by tensor (names, types, data bytes).
-2. Expert quantization throughput, same tensors, same thread count: the routed-expert tensors as
-   float32 (what both paths feed to ggml) in an experts-only GGUF. llama.cpp: llama_model_quantize on
-   it, timed around the call in a fresh process, once to IQ4_XS and once with every tensor kept F32
-   (a copy run: loading, paging the input in and writing at least as many bytes, no quantization);
-   its quantization time is the difference, which credits llama.cpp with every cost but the math.
-   Ours: quantizer.ggml.quantize over the same arrays, already in memory, timed around the calls.
-   The bytes of both are compared.
-Each measurement is repeated (--repeat, order alternating) and the median is reported.
+--converter / --converter-python default to $LLAMA_CPP_CONVERTER / $LLAMA_CPP_CONVERTER_PYTHON. Without
+--src a synthetic checkpoint with Qwen3-Coder-Next's layer shapes is written first (~230 MB).
+1. End to end: one pass (`coder-quant build`) vs convert_hf_to_gguf.py --outtype bf16 then
+   llama_model_quantize with --tensor-type style overrides, same recipe, same threads; each step a
+   child process measured with wait4(): wall, CPU, peak RSS, bytes written (file sizes and the
+   kernel's write_bytes). The outputs are compared tensor by tensor.
+2. Expert quantization throughput on the same F32 expert tensors: llama_model_quantize (minus a copy
+   run that does everything but quantize) vs quantizer.ggml.quantize; bytes compared.
+Medians of --repeat runs in alternating order. docs/benchmarks.md ("Quantizer") explains the method.
 """
 
 from __future__ import annotations
@@ -69,12 +58,10 @@ sys.path.insert(0, str(Path(converter).resolve().parent))
 sys.argv = [converter, *args]
 scope = runpy.run_path(converter, run_name="converter_under_bench")
 
-
 def family(cls):
     yield cls
     for sub in cls.__subclasses__():
         yield from family(sub)
-
 
 def with_fallback(original):
     def get_vocab_base_pre(self, tokenizer):
@@ -83,7 +70,6 @@ def with_fallback(original):
         except NotImplementedError:
             return fallback
     return get_vocab_base_pre
-
 
 owners = {c for c in family(scope["ModelBase"]) if "get_vocab_base_pre" in vars(c)}
 if not owners:
@@ -485,8 +471,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def run(argv: list[str]) -> dict[str, Any]:
-    args = parse_args(argv)
+def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     converter, python = resolve_converter(args)
     work = args.work or Path(tempfile.mkdtemp(prefix="coder-quant-bench-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -523,12 +508,12 @@ def main(argv: list[str] | None = None) -> int:
         return child_main(argv[1:])
     from quantizer.errors import QuantError
 
+    args = parse_args(argv)
     try:
-        result = run(argv)
+        result = run(args, argv)
     except (BenchError, QuantError) as exc:
         print(f"bench/quantize.py: error: {exc}", file=sys.stderr)
         return 2
-    args = parse_args(argv)
     table = markdown(result)
     print(table)
     if args.json:

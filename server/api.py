@@ -13,7 +13,7 @@ from server.completions import complete_text, start_completion, stream_text
 from server.engine import Engine
 from server.errors import ModelNotReady
 from server.protocol import ChatCompletionRequest, CompletionRequest
-from server.responses import ChatCompletion, Completion, Health, ModelCard, ModelList, dump
+from server.responses import ChatCompletion, Completion, Health, ModelList, dump
 from server.state import ServerState
 from server.streaming import sse_response, unless_disconnected
 
@@ -83,5 +83,3 @@ async def metrics(request: Request) -> Response:
     text = await run_in_threadpool(_state(request).metrics.render)
     return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
-
-__all__ = ["router", "ModelCard"]
