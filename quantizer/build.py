@@ -68,7 +68,7 @@ def build_gguf(
     module = arch_registry.get_arch(checkpoint.config)
     specs = checkpoint_specs(checkpoint)
     validate_sources(checkpoint, specs)
-    vocab = load_vocab(checkpoint.path, checkpoint.config)
+    vocab = load_vocab(checkpoint.path, module.hparams(checkpoint.config))
     weights = check_against(load_imatrix(imatrix), specs) if imatrix is not None else None
     plan = make_plan(specs, chosen)
     logger.info("plan: %d tensors, %d bytes of tensor data (recipe %s)", len(plan.entries), plan.tensor_bytes, chosen.name)

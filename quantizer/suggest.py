@@ -4,15 +4,16 @@ spend the bytes where they buy the most.
 1. Build the BF16 GGUF, collect an importance matrix and the base distributions on a calibration text.
 2. Sensitivity: for every expert group (a tensor kind, or a kind in one layer) and candidate type,
    build a GGUF where only that group is quantized (with the imatrix) and measure its mean KLD.
-3. Allocation: start every group at its smallest type and, while bytes remain, take the upgrade that
-   removes the most KLD per byte (on each group's lower convex hull). Group KLDs are assumed to add up;
-   the chosen recipe is then built and measured, and the prediction printed beside the measurement.
+3. Allocation: one type per group with the lowest summed KLD that fits the bytes left for routed
+   experts (an exact knapsack over the measured options). Group KLDs are assumed to add up, which
+   they do roughly; the chosen recipe is then built and measured on the same text.
 Attention, SSM, shared-expert, embedding and output tensors are kept as the source has them.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import re
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
@@ -20,10 +21,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
+from gguf import GGUF_DEFAULT_ALIGNMENT
+
 from quantizer import ggml
 from quantizer.build import build_gguf, checkpoint_specs
 from quantizer.errors import QuantError
-from quantizer.evaluate import EvalResult, LlamaSession, score_against_cache, sha256_file, write_base_cache
+from quantizer.evaluate import EvalResult, LlamaSession, score_against_cache, write_base_cache
 from quantizer.imatrix import write_imatrix_gguf
 from quantizer.imatrix_collect import collect_imatrix
 from quantizer.plan import make_plan
@@ -81,32 +85,20 @@ class Option:
 
 
 @dataclass(frozen=True)
-class Step:
-    group: str
-    old: str
-    new: str
-    added_bytes: int
-    kld_saved: float
-
-
-@dataclass(frozen=True)
 class Allocation:
     choice: tuple[tuple[str, str], ...]  # (group, type), in group order
     expert_bytes: int
-    predicted_kld: float
-    steps: tuple[Step, ...]
+    predicted_kld: float  # sum of the chosen options' own KLDs
 
 
 @dataclass(frozen=True)
 class Suggestion:
     rules: tuple[str, ...]  # REGEX=TYPE, for `coder-quant build --recipe bf16 --rule ...`
     allocation: Allocation
-    expert_budget: int
-    fixed_ram: int  # bytes that are not routed experts, in RAM
-    fixed_gpu: int  # and on the GPU (0 without a VRAM budget)
+    split: Split
     options: tuple[Option, ...]
-    measured: EvalResult | None = None
-    notes: tuple[str, ...] = field(default_factory=tuple)
+    uniform: tuple[str, float] | None  # best single type that fits, and its summed KLD
+    measured: EvalResult
 
 
 def expert_groups(specs: Iterable[TensorSpec], granularity: Granularity) -> list[Group]:
@@ -125,73 +117,91 @@ def expert_groups(specs: Iterable[TensorSpec], granularity: Granularity) -> list
             for k, v in groups.items()]  # fmt: skip
 
 
-def split_fixed(specs: Sequence[TensorSpec], with_gpu: bool) -> tuple[int, int, int]:
-    """(fixed RAM bytes, fixed GPU bytes, header estimate) of everything but routed experts, kept as is.
+@dataclass(frozen=True)
+class Split:
+    """Bytes that do not depend on the expert types, by device."""
 
-    With a GPU, llama.cpp keeps the input layer (token_embd) in RAM and `--gpu-layers attn` keeps the
-    routed experts there; everything else goes to the GPU.
+    fixed_ram: int  # GGUF header and tensors other than routed experts held in RAM
+    fixed_gpu: int  # tensors on the GPU (0 without a VRAM budget)
+    expert_budget: int  # RAM left for routed experts
+
+
+def split_budget(specs: Sequence[TensorSpec], bf16_file_bytes: int, ram: int, vram: int | None) -> Split:
+    """Where the bytes go under `--gpu-layers attn` (or all in RAM without a GPU).
+
+    llama.cpp keeps the input layer (token_embd) in RAM and `attn` keeps routed experts there; every
+    other tensor goes to the GPU. The header is the BF16 build's (the rules of a suggestion add a few
+    hundred bytes of metadata, not counted).
     """
     plan = make_plan(specs, get_recipe("bf16"))
-    ram = gpu = 0
+    padded = sum(e.nbytes + (-e.nbytes % GGUF_DEFAULT_ALIGNMENT) for e in plan.entries)
+    ram_bytes = bf16_file_bytes - padded  # the real header
+    gpu_bytes = 0
     for e in plan.entries:
         if e.spec.tclass == "routed_expert":
             continue
-        if with_gpu and e.spec.tclass != "embedding":
-            gpu += e.nbytes
+        if vram is not None and e.spec.tclass != "embedding":
+            gpu_bytes += e.nbytes
         else:
-            ram += e.nbytes
-    return ram, gpu, plan.file_bytes - plan.tensor_bytes
+            ram_bytes += e.nbytes
+    if vram is not None and gpu_bytes > vram:
+        raise SuggestError(f"the tensors kept for the GPU (attention, SSM, shared experts, output) need "
+                           f"{gpu_bytes:,} bytes; --vram-budget is {vram:,}")  # fmt: skip
+    return Split(ram_bytes, gpu_bytes, ram - ram_bytes)
 
 
-def _hull(options: list[Option]) -> list[Option]:
-    """Lower convex hull of (bytes, kld), smallest first: the upgrades worth taking in order."""
-    pts: list[Option] = []
-    for o in sorted(options, key=lambda o: (o.nbytes, o.kld)):
-        if pts and o.kld >= pts[-1].kld:
-            continue  # more bytes, no less KLD
-        while len(pts) >= 2:
-            a, b = pts[-2], pts[-1]
-            # drop b if it lies on or above the segment a -> o
-            if (b.kld - a.kld) * (o.nbytes - a.nbytes) >= (o.kld - a.kld) * (b.nbytes - a.nbytes):
-                pts.pop()
-            else:
-                break
-        pts.append(o)
-    return pts
+def allocate(options: Sequence[Option], budget: int, resolution: int = 20_000) -> Allocation:
+    """One option per group with the lowest summed KLD whose bytes fit `budget` (exact knapsack).
 
-
-def allocate(options: Sequence[Option], budget: int) -> Allocation:
-    """Pick one option per group: greedy by KLD saved per byte on each group's convex hull."""
+    Bytes are counted in units of their greatest common divisor, or of budget/resolution rounded up
+    when that would be too fine; rounding costs up keeps every answer within the budget.
+    """
     by_group: dict[str, list[Option]] = {}
     for o in options:
         by_group.setdefault(o.group, []).append(o)
-    hulls = {g: _hull(opts) for g, opts in by_group.items()}
-    level = dict.fromkeys(hulls, 0)
-    spent = sum(h[0].nbytes for h in hulls.values())
-    if spent > budget:
-        smallest = ", ".join(sorted({h[0].type for h in hulls.values()}))
-        raise SuggestError(f"routed experts need at least {spent:,} bytes ({smallest}); the budget leaves {budget:,}")
-    steps: list[Step] = []
-    while True:
-        best: tuple[float, str] | None = None
-        for g, h in hulls.items():
-            i = level[g]
-            if i + 1 < len(h) and spent + h[i + 1].nbytes - h[i].nbytes <= budget:
-                rate = (h[i].kld - h[i + 1].kld) / max(h[i + 1].nbytes - h[i].nbytes, 1)
-                if best is None or rate > best[0]:
-                    best = (rate, g)
-        if best is None:
-            break
-        g = best[1]
-        old, new = hulls[g][level[g]], hulls[g][level[g] + 1]
-        spent += new.nbytes - old.nbytes
-        level[g] += 1
-        steps.append(Step(g, old.type, new.type, new.nbytes - old.nbytes, old.kld - new.kld))
-    chosen = [hulls[g][level[g]] for g in by_group]
-    return Allocation(
-        tuple((o.group, o.type) for o in chosen), sum(o.nbytes for o in chosen), sum(o.kld for o in chosen),
-        tuple(steps),
-    )  # fmt: skip
+    unit = math.gcd(*(o.nbytes for o in options)) or 1
+    if budget // unit > resolution:
+        unit = -(-budget // resolution)
+    cap = budget // unit
+    if cap < 0:
+        raise SuggestError(f"the budget leaves {budget:,} bytes for routed experts")
+    best = np.full(cap + 1, np.inf)
+    best[0] = 0.0
+    picks: list[np.ndarray] = []
+    for opts in by_group.values():
+        nxt, pick = np.full(cap + 1, np.inf), np.full(cap + 1, -1)
+        for i, o in enumerate(opts):
+            cost = -(-o.nbytes // unit)
+            if cost > cap:
+                continue
+            cand = np.full(cap + 1, np.inf)
+            cand[cost:] = best[: cap + 1 - cost] + o.kld
+            better = cand < nxt
+            nxt[better], pick[better] = cand[better], i
+        best = nxt
+        picks.append(pick)
+    if not np.isfinite(best).any():
+        least = sum(min(o.nbytes for o in opts) for opts in by_group.values())
+        raise SuggestError(f"routed experts need at least {least:,} bytes; the budget leaves {budget:,}")
+    used = int(np.argmin(best))
+    chosen: list[Option] = []
+    for opts, pick in zip(reversed(list(by_group.values())), reversed(picks), strict=True):
+        o = opts[int(pick[used])]
+        chosen.append(o)
+        used -= -(-o.nbytes // unit)
+    chosen.reverse()
+    return Allocation(tuple((o.group, o.type) for o in chosen), sum(o.nbytes for o in chosen), sum(o.kld for o in chosen))
+
+
+def best_uniform(options: Sequence[Option], budget: int) -> tuple[str, float] | None:
+    """The single type for every group that fits the budget with the lowest summed KLD, for comparison."""
+    totals: dict[str, list[Option]] = {}
+    for o in options:
+        totals.setdefault(o.type, []).append(o)
+    n_groups = len({o.group for o in options})
+    fitting = [(sum(o.kld for o in v), t) for t, v in totals.items()
+               if len(v) == n_groups and sum(o.nbytes for o in v) <= budget]  # fmt: skip
+    return (min(fitting)[1], min(fitting)[0]) if fitting else None
 
 
 def rules_for(groups: Sequence[Group], allocation: Allocation) -> tuple[str, ...]:
@@ -217,8 +227,7 @@ class _Workspace:
 
     def prepare(self, imatrix: Path | None) -> None:
         self.bf16 = self.folder / "bf16.gguf"
-        build_gguf(self.source, self.bf16, recipe="bf16", threads=self.threads, force=True)
-        self.base_sha = sha256_file(self.bf16)
+        self.base_sha = build_gguf(self.source, self.bf16, recipe="bf16", threads=self.threads).written.sha256
         if imatrix is None:
             stats = collect_imatrix(self.bf16, self.text, ctx=self.ctx)
             imatrix = self.folder / "imatrix.gguf"
@@ -256,37 +265,32 @@ def suggest(
 ) -> Suggestion:
     """Measure per-group sensitivity on `text` and propose the expert types that fit the budgets."""
     report = progress or (lambda msg: log.info("%s", msg))
+    for t in types:
+        if t != KEEP:
+            ggml.ggml_type(t)  # RecipeError for an unknown name, before any work
     checkpoint = open_checkpoint(source)
     try:
         specs = checkpoint_specs(checkpoint)
     finally:
         checkpoint.close()
     groups = expert_groups(specs, granularity)
-    fixed_ram, fixed_gpu, header = split_fixed(specs, with_gpu=vram_budget is not None)
-    notes = []
-    if vram_budget is not None and fixed_gpu > vram_budget:
-        raise SuggestError(f"attention, SSM and shared-expert tensors need {fixed_gpu:,} bytes of VRAM kept "
-                           f"as they are; --vram-budget is {vram_budget:,}")  # fmt: skip
-    if vram_budget is not None:
-        notes.append(f"GPU: {fixed_gpu:,} of {vram_budget:,} bytes (everything but routed experts and token_embd)")
-    budget = ram_budget - fixed_ram - header
-    notes.append(f"RAM: {fixed_ram + header:,} bytes fixed, {budget:,} left for routed experts")
-    for t in types:
-        if t != KEEP:
-            ggml.ggml_type(t)
     with tempfile.TemporaryDirectory(prefix="coder-quant-suggest-", dir=workdir) as tmp:
         ws = _Workspace(Path(source), Path(tmp), text, ctx, chunks, threads)
         report("building the BF16 reference, importance matrix and base distributions")
         ws.prepare(Path(imatrix) if imatrix is not None else None)
-        options = [Option(g.name, KEEP, g.nbytes(KEEP), 0.0) for g in groups]
+        split = split_budget(specs, ws.bf16.stat().st_size, ram_budget, vram_budget)
+        least = sum(min(g.nbytes(t) for t in types) for g in groups)
+        if split.expert_budget < least:
+            raise SuggestError(f"routed experts need at least {least:,} bytes; the RAM budget leaves "
+                               f"{split.expert_budget:,} after {split.fixed_ram:,} bytes of other tensors")  # fmt: skip
+        options = [Option(g.name, KEEP, g.nbytes(KEEP), 0.0) for g in groups]  # the reference itself
         for g in groups:
             for t in types:
                 result = ws.measure([f"{g.pattern}={t}"], f"{g.name}-{t}")
                 options.append(Option(g.name, t, g.nbytes(t), result.kld_mean))
                 report(f"{g.name:<24} {t:<8} {g.nbytes(t):>14,} bytes  mean KLD {result.kld_mean:.6f}")
-        allocation = allocate(options, budget)
+        allocation = allocate(options, split.expert_budget)
         rules = rules_for(groups, allocation)
         report("measuring the suggested recipe")
         measured = ws.measure(rules, "suggested")
-    return Suggestion(rules, allocation, budget, fixed_ram + header, fixed_gpu, tuple(options), measured,
-                      tuple(notes))  # fmt: skip
+    return Suggestion(rules, allocation, split, tuple(options), best_uniform(options, split.expert_budget), measured)

@@ -173,8 +173,8 @@ def write_gguf(
     out = Path(out)
     if out.exists() and not force:
         raise QuantError(f"{out} exists (use --force to overwrite)")
-    if not out.parent.is_dir():
-        raise QuantError(f"{out.parent} is not a directory")
+    if out.is_dir() or not out.parent.is_dir():
+        raise QuantError(f"{out} is not a writable file path")
     partial = partial_path(out)
     writer = _build_writer(checkpoint, arch, entries, vocab, provenance)
     try:
@@ -184,10 +184,12 @@ def write_gguf(
         os.replace(partial, out)
         _fsync_dir(out.parent)
         _write_sidecar(out, digest)
-    except BaseException:
+    except BaseException as exc:
         writer.close()
         partial.unlink(missing_ok=True)
         partial_path(sidecar_path(out)).unlink(missing_ok=True)
+        if isinstance(exc, OSError):  # disk full, permissions...: one line, not a traceback
+            raise QuantError(f"I/O error while writing {out}: {exc.strerror or exc}") from exc
         raise
     logger.info("wrote %s: %d tensors, %d bytes", out, len(entries), size)
     return WriteResult(out, digest, size, len(entries))

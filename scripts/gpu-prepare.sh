@@ -47,12 +47,13 @@ tar -C "$tmp" -czf "$DEST/llama_cpp_python-$LLAMA_VERSION.tar.gz" "llama_cpp_pyt
 
 # --- the Python dependencies ---------------------------------------------------------------------
 # The project's own, less llama-cpp-python (built from the sdist) and what the machine provides;
-# llama-cpp-python's small ones; setuptools to install the project itself; httpx for ad-hoc checks.
+# llama-cpp-python's small ones; setuptools to install the project itself; pytest and httpx to run
+# the GPU cases of tests/server/test_loader.py there.
 "$PYTHON" - "$DEST/requirements.txt" <<'EOF'
 import re, sys, tomllib
 deps = tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]
 keep = [d for d in deps if not re.match(r"(llama-cpp-python|numpy|jinja2)\b", d, re.I)]
-keep += ["diskcache>=5.6.1", "typing-extensions>=4.5", "setuptools>=70.1", "httpx>=0.27"]
+keep += ["diskcache>=5.6.1", "typing-extensions>=4.5", "setuptools>=70.1", "httpx>=0.27", "pytest>=8"]
 open(sys.argv[1], "w").write("\n".join(keep) + "\n")
 EOF
 

@@ -5,6 +5,7 @@
 #   scripts/gpu-run.sh install              # compile llama-cpp-python with CUDA, install the wheels
 #   scripts/gpu-run.sh bench [options...]   # bench/gpu.py --out "$OUT" [options...]
 #   scripts/gpu-run.sh all [options...]     # both
+#   scripts/gpu-run.sh test                 # the GPU cases of the loader tests (pytest)
 #
 # Results go to $OUT (default .device/out): gpu-bench.json, gpu-bench.md, plus the server logs.
 # Installs into the active virtual environment, or else into .venv (created with
@@ -71,9 +72,17 @@ bench() {
     cp build/gpu-bench/serve-*.log "$OUT"/ 2>/dev/null || true
 }
 
+run_tests() {
+    local py
+    py=$(pick_python)
+    mkdir -p "$OUT"
+    "$py" -m pytest -q -rs tests/server/test_loader.py tests/server/test_placement.py "$@" 2>&1 | tee "$OUT/pytest-gpu.txt"
+}
+
 case "$phase" in
     install) install ;;
     bench) bench "$@" ;;
+    test) run_tests "$@" ;;
     all) install && bench "$@" ;;
-    *) fail "usage: $0 [install|bench|all] [bench/gpu.py options...]" ;;
+    *) fail "usage: $0 [install|bench|all|test] [options...]" ;;
 esac

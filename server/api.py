@@ -14,6 +14,13 @@ from server.engine import Engine
 from server.errors import ModelNotReady
 from server.protocol import ChatCompletionRequest, CompletionRequest
 from server.responses import ChatCompletion, Completion, Health, ModelList, dump
+from server.responses_api import (
+    ResponseObject,
+    ResponsesRequest,
+    complete_response,
+    start_response,
+    stream_response,
+)
 from server.state import ServerState
 from server.streaming import sse_response, unless_disconnected
 
@@ -60,6 +67,16 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
     if body.stream:
         return sse_response(stream_text(job, turn), job)
     result = await unless_disconnected(request, complete_text(job, turn))
+    return result if isinstance(result, Response) else JSONResponse(result)
+
+
+@router.post("/v1/responses", response_model=ResponseObject, responses=ERRORS)
+async def responses(body: ResponsesRequest, request: Request) -> Response:
+    state = _state(request)
+    job, turn = await start_response(body, _engine(request), state.template(), state.settings, state.model_id)
+    if body.stream:
+        return sse_response(stream_response(job, turn), job)
+    result = await unless_disconnected(request, complete_response(job, turn))
     return result if isinstance(result, Response) else JSONResponse(result)
 
 

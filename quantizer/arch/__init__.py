@@ -1,6 +1,7 @@
 """Architecture registry: config.json -> the module that knows how to convert it.
 
 Each architecture module exposes `GGUF_ARCH`, `HF_ARCHITECTURES`, `MODEL_TYPES`,
+`hparams(config)` (config.json with the defaults the reference assumes),
 `specs_from_config(config, source_names=None, source_order=None)`,
 `build_tensor(checkpoint, spec)`, `tensor_f32(checkpoint, spec)` and
 `add_hparams(writer, config, file_type)`.

@@ -73,6 +73,32 @@ EXPERT_PROJECTIONS = ("down_proj", "gate_proj", "up_proj")  # the reference stac
 SKIPPED_SUFFIXES = (".attention.masked_bias", ".attention.bias", ".rotary_emb.inv_freq")
 
 
+# The reference reads config.json through transformers' Qwen3NextConfig, which fills in these
+# defaults for absent keys (transformers/models/qwen3_next/configuration_qwen3_next.py).
+CONFIG_DEFAULTS: dict[str, Any] = {
+    "vocab_size": 151936, "hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 48,
+    "num_attention_heads": 16, "num_key_value_heads": 2, "max_position_embeddings": 32768,
+    "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "head_dim": 256, "linear_conv_kernel_dim": 4,
+    "linear_key_head_dim": 128, "linear_value_head_dim": 128, "linear_num_key_heads": 16,
+    "linear_num_value_heads": 32, "decoder_sparse_step": 1, "moe_intermediate_size": 512,
+    "shared_expert_intermediate_size": 512, "num_experts_per_tok": 10, "num_experts": 512,
+    "partial_rotary_factor": 0.25, "mlp_only_layers": [],
+}  # fmt: skip
+
+
+def hparams(config: dict[str, Any]) -> dict[str, Any]:
+    """config.json as the reference sees it: transformers' defaults filled in, and layer_types
+    derived from full_attention_interval when absent (as Qwen3NextConfig does)."""
+    out = {**CONFIG_DEFAULTS, **config}
+    if out.get("layer_types") is None:
+        interval = int(out.get("full_attention_interval", 4))
+        out["layer_types"] = ["full_attention" if (i + 1) % interval == 0 else "linear_attention"
+                              for i in range(int(out["num_hidden_layers"]))]
+    if "rope_theta" not in out and "rope_theta" not in (out.get("rope_parameters") or out.get("rope_scaling") or {}):
+        out["rope_theta"] = 10000.0  # transformers' default for standard RoPE
+    return out
+
+
 class Checkpoint(Protocol):
     """What the value transforms need from a source checkpoint (see quantizer.source)."""
 
@@ -119,13 +145,11 @@ class Dims:
 
 def dims_from_config(config: dict[str, Any]) -> Dims:
     try:
+        config = hparams(config)
         n_layer = int(config["num_hidden_layers"])
         n_head = int(config["num_attention_heads"])
         head_dim = int(config.get("head_dim") or config["hidden_size"] // n_head)
-        layer_types = config.get("layer_types")
-        if layer_types is None:
-            interval = int(config.get("full_attention_interval", 4))
-            layer_types = ["full_attention" if (i + 1) % interval == 0 else "linear_attention" for i in range(n_layer)]
+        layer_types = config["layer_types"]
         if len(layer_types) != n_layer:
             raise CheckpointError(f"config.json: layer_types has {len(layer_types)} entries, expected {n_layer}")
         if config.get("mlp_only_layers"):
@@ -309,6 +333,7 @@ def _emission_order(specs: list[TensorSpec], order: Sequence[str]) -> list[Tenso
 def add_hparams(writer: gguf.GGUFWriter, config: dict[str, Any], file_type: int) -> None:
     """Hyper-parameters in the reference's order (TextModel, Qwen2MoeModel, Qwen3NextModel)."""
     d = dims_from_config(config)
+    config = hparams(config)
     add_text_hparams(writer, config, d.n_layer, file_type)
     if (moe_ff := config.get("moe_intermediate_size")) is not None:
         writer.add_expert_feed_forward_length(moe_ff)
@@ -319,8 +344,7 @@ def add_hparams(writer: gguf.GGUFWriter, config: dict[str, Any], file_type: int)
     writer.add_ssm_group_count(d.k_heads)
     writer.add_ssm_time_step_rank(d.v_heads)
     writer.add_ssm_inner_size(d.v_dim * d.v_heads)
-    if config.get("layer_types") is not None:
-        writer.add_array(RECURRENT_LAYERS_KEY.format(arch=writer.arch), list(d.recurrent))
+    writer.add_array(RECURRENT_LAYERS_KEY.format(arch=writer.arch), list(d.recurrent))
     writer.add_full_attention_interval(config.get("full_attention_interval", 4))
     rope_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
     writer.add_rope_dimension_count(int(rope_dim * rope_parameters(config).get("partial_rotary_factor", 0.25)))

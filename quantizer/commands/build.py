@@ -26,8 +26,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("source", type=Path, metavar="SRC_DIR", help="Hugging Face checkpoint folder")
     p.add_argument("out", type=Path, metavar="OUT.gguf", help="output file")
-    p.add_argument("--recipe", default=DEFAULT_RECIPE, choices=sorted(PRESETS),
-                   help=f"precision preset (default {DEFAULT_RECIPE})")
+    p.add_argument("--recipe", default=DEFAULT_RECIPE, metavar="NAME",
+                   help=f"precision preset: {', '.join(PRESETS)} (default {DEFAULT_RECIPE})")
     p.add_argument("--rule", action="append", default=[], metavar="REGEX=TYPE",
                    help="extra rule placed before the preset's (first match wins); repeatable")
     p.add_argument("--imatrix", type=Path, default=None, metavar="FILE",

@@ -40,20 +40,31 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def render(s: Suggestion) -> str:
-    lines = [*s.notes, "", "why (each step spends bytes where they remove the most KLD per byte):"]
-    lines += [f"  {st.group:<24} {st.old:>7} -> {st.new:<7} +{st.added_bytes:>12,} bytes  "
-              f"-{st.kld_saved:.6f} KLD" for st in s.allocation.steps]  # fmt: skip
-    lines += ["", "chosen types:"]
-    lines += [f"  {g:<24} {t}" for g, t in s.allocation.choice]
+    """Budgets, the measured sensitivity table with the choice marked, prediction and measurement."""
+    chosen = dict(s.allocation.choice)
+    types = list(dict.fromkeys(o.type for o in s.options))
+    kld = {(o.group, o.type): o.kld for o in s.options}
+    lines = [
+        f"RAM: {s.split.fixed_ram:,} bytes for the header and tensors kept in RAM, "
+        f"{s.split.expert_budget:,} left for routed experts",
+    ]
+    if s.split.fixed_gpu:
+        lines.append(f"GPU: {s.split.fixed_gpu:,} bytes (attention, SSM, shared experts, output)")
+    lines += ["", "mean KLD with only that group quantized (* = chosen):"]
+    lines.append(f"  {'group':<24}" + "".join(f"{t:>11}" for t in types))
+    for group in chosen:
+        cells = [f"{kld[(group, t)]:.6f}" + ("*" if chosen[group] == t else " ") for t in types]
+        lines.append(f"  {group:<24}" + "".join(f"{c:>11}" for c in cells))
     lines += [
         "",
-        f"routed experts: {s.allocation.expert_bytes:,} of {s.expert_budget:,} bytes",
-        f"predicted mean KLD (sum of the groups' own): {s.allocation.predicted_kld:.6f}",
+        f"why: of all combinations that fit {s.split.expert_budget:,} bytes, this one has the lowest sum "
+        f"of the groups' KLDs ({s.allocation.predicted_kld:.6f}, {s.allocation.expert_bytes:,} bytes)",
     ]
-    if s.measured is not None:
-        lines += ["measured on the calibration text:", format_result(s.measured)]
+    if s.uniform is not None:
+        lines.append(f"     the best single type that fits, {s.uniform[0]}, sums to {s.uniform[1]:.6f}")
+    lines += ["", "measured on the calibration text:", format_result(s.measured)]
     rules = " ".join(f"--rule '{r}'" for r in s.rules)
-    lines += ["", f"build it with: coder-quant build SRC_DIR OUT.gguf --recipe bf16 --imatrix IMATRIX {rules}"]
+    lines += ["", f"build: coder-quant build SRC_DIR OUT.gguf --recipe bf16 --imatrix IMATRIX.gguf {rules}"]
     return "\n".join(lines)
 
 
