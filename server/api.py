@@ -14,13 +14,8 @@ from server.engine import Engine
 from server.errors import ModelNotReady
 from server.protocol import ChatCompletionRequest, CompletionRequest
 from server.responses import ChatCompletion, Completion, Health, ModelList, dump
-from server.responses_api import (
-    ResponseObject,
-    ResponsesRequest,
-    complete_response,
-    start_response,
-    stream_response,
-)
+from server.responses_api import ResponsesRequest, start_response
+from server.responses_output import ResponseObject, complete_response, stream_response
 from server.state import ServerState
 from server.streaming import sse_response, unless_disconnected
 

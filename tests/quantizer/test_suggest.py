@@ -118,5 +118,8 @@ def test_small_run_fits_and_is_measured(
     out = capsys.readouterr().out
     assert "=iq3_s'" in out  # the budget is below IQ4_XS everywhere, so at least one group drops
     assert len(re.findall(r"\d\*", out)) == 3 and "Mean    KLD" in out  # one choice per group
-    assert main([*args[:3], "--ram-budget", "1M", *args[5:]]) == 1
+    assert main([*args[:2], "--ram-budget", "1M", *args[4:]]) == 1
     assert "at least" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([*args[:2], "--ram-budget", "lots", *args[4:]])
+    assert "cannot read size" in capsys.readouterr().err
