@@ -83,7 +83,10 @@ def over_http(client: httpx.Client, text: str, max_tokens: int, bias: dict[str, 
                 first = first or last
             usage = chunk.get("usage") or usage
     n = usage["completion_tokens"]
-    return Run(first - start, (n - 1) / (last - first), usage["prompt_tokens"], n)
+    # The server may merge text generated within a few ms into one chunk: the first chunk still holds
+    # only the first token (it goes out at once), and the last one arrives as the generation ends.
+    span = last - first
+    return Run(first - start, (n - 1) / span if span > 0 else float("nan"), usage["prompt_tokens"], n)
 
 
 def free_port() -> int:

@@ -26,6 +26,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import struct
 import tempfile
 import zlib
@@ -191,6 +192,12 @@ def summarize(scores: list[ChunkScores], ctx: int) -> EvalResult:
 
 
 def sha256_file(path: Path) -> str:
+    """The file's sha256; taken from the `<file>.sha256` beside it when that is newer than the file."""
+    sidecar = path.with_name(path.name + ".sha256")
+    if sidecar.is_file() and sidecar.stat().st_mtime >= path.stat().st_mtime:
+        fields = sidecar.read_text(encoding="utf-8").split()
+        if len(fields) == 2 and fields[1] == path.name and re.fullmatch(r"[0-9a-f]{64}", fields[0]):
+            return fields[0]
     digest = hashlib.sha256()
     with path.open("rb") as f:
         for block in iter(lambda: f.read(1 << 24), b""):
@@ -398,7 +405,11 @@ def write_base_cache(session: LlamaSession, text: str, max_chunks: int | None, o
     )
     partial = out.with_name(out.name + ".partial")
     try:
-        with partial.open("wb") as f:
+        f = partial.open("wb")
+    except OSError as exc:
+        raise EvalError(f"cannot write base-logits cache {out}: {exc.strerror}") from None
+    try:
+        with f:
             _write_header(f, header, chunks)
             for i, chunk in enumerate(chunks):
                 logits = session.decode_chunk(chunk, first=ctx // 2)[:-1]

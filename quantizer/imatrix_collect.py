@@ -217,9 +217,8 @@ class ActivationCollector:
                 # 3-D+ activations against a 2-D weight fold onto its single matrix
                 mat = (i3 % src0.ne[3]) * src0.ne[2] + (i2 % src0.ne[2])
                 sums[mat] += (x[i3, i2].astype(np.float64) ** 2).sum(axis=0)
-        counts[0] += x.shape[0] * x.shape[1] * x.shape[2] // n_mat
-        if counts.size > 1:  # stored per tensor, as llama-imatrix does for dense weights
-            raise ImatrixError(f"{name} is used both as stacked experts and as a dense matrix")
+        # one count per dense tensor; every expert's, were the tensor also used through MUL_MAT_ID
+        counts += x.shape[0] * x.shape[1] * x.shape[2] // n_mat
         if not np.isfinite(sums).all():
             raise ImatrixError(f"non-finite values detected in {name}")
 

@@ -38,8 +38,8 @@ from quantizer.spec import TensorSpec
 log = logging.getLogger(__name__)
 
 Granularity = Literal["kind", "layer"]
-# Candidate expert types, smallest first; all use 256-column blocks except q8_0 (32).
-EXPERT_TYPES: tuple[str, ...] = ("iq2_s", "iq3_xxs", "iq3_s", "iq4_xs", "q4_k", "q5_k", "q6_k", "q8_0")
+# Candidate expert types, smallest first (3.06 to 6.56 bits per weight); keeping BF16 is always a candidate.
+EXPERT_TYPES: tuple[str, ...] = ("iq3_xxs", "iq3_s", "iq4_xs", "q4_k", "q5_k", "q6_k")
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?)(b?)\s*$", re.IGNORECASE)
 
 

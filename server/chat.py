@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from starlette.concurrency import run_in_threadpool
@@ -16,6 +17,7 @@ from server import toolcalls
 from server.engine import Engine, GenerationParams, Job
 from server.errors import GenerationFailed, InvalidRequest
 from server.events import Failed, Finished, TextDelta, TokenLogprob
+from server.prompt_cache import last_turn_start
 from server.protocol import ChatCompletionRequest
 from server.responses import (
     SYSTEM_FINGERPRINT,
@@ -58,12 +60,17 @@ async def start_chat(
     params = req.to_generation(settings, info.n_vocab)
     tools = req.tool_dicts()
     await _check_grammar(engine, params, "response_format" if req.response_format else "tool_choice")
+    messages = req.message_dicts()
     try:
-        prompt = template.render(req.message_dicts(), tools=tools)
+        prompt = template.render(messages, tools=tools)
     except TemplateError as exc:
         raise InvalidRequest(str(exc), param="messages") from None
     tokens = await run_in_threadpool(engine.tokenize, prompt)
-    job = engine.submit(tokens, params)
+    checkpoints: tuple[int, ...] = ()
+    if engine.caches_prompts:  # a checkpoint where the last user/tool messages start: a next turn branches there
+        render = partial(template.render, tools=tools, add_generation_prompt=False)
+        checkpoints = await run_in_threadpool(last_turn_start, render, messages, tokens, engine.tokenize)
+    job = engine.submit(tokens, params, kind="chat", checkpoints=checkpoints)
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     return job, ChatTurn(model, tools, include_usage, params.logprobs)
 

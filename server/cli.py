@@ -24,7 +24,7 @@ DEFAULT = {name: field.default for name, field in Settings.model_fields.items()}
 # flag -> Settings field, for flags whose value is copied as given.
 FLAG_FIELDS = (
     "host", "port", "gpu_layers", "cpu_moe_layers", "ctx_size", "threads", "batch", "alias",
-    "api_key", "max_queue", "max_body_bytes", "log_level", "cache_dir",
+    "api_key", "max_queue", "max_body_bytes", "log_level", "cache_dir", "cache_ram",
 )
 
 
@@ -47,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ctx-size", type=int, metavar="N", help=f"context length in tokens, 0 for the model's own (default {DEFAULT['ctx_size']})")
     p.add_argument("--threads", type=int, metavar="N", help="CPU threads (default: llama.cpp's choice)")
     p.add_argument("--batch", type=int, metavar="N", help=f"prompt tokens per evaluation step (default {DEFAULT['batch']})")
+    p.add_argument("--cache-ram", metavar="SIZE",
+                   help="RAM for prompt checkpoints of hybrid/recurrent models, e.g. 2GiB; 0 turns them off "
+                        f"(default {DEFAULT['cache_ram'] >> 30}GiB)")
     p.add_argument("--alias", metavar="NAME", help="model id shown to clients (default: the file name)")
     p.add_argument("--api-key", metavar="KEY", help="require 'Authorization: Bearer KEY' on /v1/* and /metrics")
     p.add_argument("--cors-origin", dest="cors_origins", action="extend", nargs="+", metavar="ORIGIN",

@@ -24,6 +24,7 @@ from server.errors import ContextLengthExceeded, InvalidRequest, ModelNotReady, 
 from server.events import Event, Failed, Finished, TextDelta, TokenLogprob, Usage
 from server.logprobs import token_logprob
 from server.modelinfo import ModelInfo, context_message, describe, token_piece
+from server.prompt_cache import CacheKind, CacheStats, PromptCache, PromptEvaluator
 from server.sampler import SamplerChain, SamplingParams, check_grammar
 from server.textstream import TextStream
 
@@ -32,6 +33,9 @@ log = logging.getLogger(__name__)
 # Builds the model: returns the llama_cpp.Llama and a summary of where its tensors were placed.
 ModelFactory = Callable[[], tuple[Any, dict[str, Any]]]
 EngineState = Literal["idle", "loading", "ready", "failed", "closed"]
+# Seconds between wake-ups of the event loop for one job's text: a model faster than this streams a
+# chunk per interval instead of per token (the HTTP side then costs little); a slower one token by token.
+WAKE_INTERVAL = 0.01
 
 
 @dataclass(frozen=True)
@@ -58,46 +62,64 @@ class EngineStats:
     decode_seconds: float
     last_prompt_tps: float
     last_decode_tps: float
+    cache: CacheStats | None = None  # prompt checkpoints; None when the cache is off
 
 
 class Job:
     """One admitted request. The worker thread emits events; the event loop reads them."""
 
-    def __init__(self, engine: Engine, tokens: Sequence[int], params: GenerationParams) -> None:
+    def __init__(self, engine: Engine, tokens: Sequence[int], params: GenerationParams,
+                 kind: CacheKind = "completion", checkpoints: Sequence[int] = ()) -> None:
         self.tokens = tuple(tokens)
         self.params = params
+        self.kind = kind  # which share of the prompt cache its checkpoints go to
+        self.checkpoints = tuple(checkpoints)  # prompt positions worth a checkpoint besides the end
         self.status: Literal["waiting", "running", "done"] = "waiting"
         self.cancel_requested = threading.Event()
         self._engine = engine
         self._loop = asyncio.get_running_loop()
-        self._events: asyncio.Queue[Event] = asyncio.Queue()
+        self._pending: deque[Event] = deque()  # appended by the worker thread, drained by the event loop
+        self._ready = asyncio.Event()
+        self._woken_at = -math.inf
 
     def emit(self, event: Event) -> None:
-        """Called from the worker thread."""
+        """Called from the worker thread; wakes the event loop for the first and last events, else at most
+        once per WAKE_INTERVAL, so the worker neither waits on the loop nor makes it run once per token."""
+        self._pending.append(event)
+        now = time.monotonic()
+        if isinstance(event, TextDelta) and now - self._woken_at < WAKE_INTERVAL:
+            return
+        self._woken_at = now
         try:
-            self._loop.call_soon_threadsafe(self._events.put_nowait, event)
+            self._loop.call_soon_threadsafe(self._ready.set)
         except RuntimeError:  # the event loop is gone: nobody is listening any more
             self.cancel_requested.set()
 
     async def events(self) -> AsyncIterator[Event]:
         """Events up to and including the final Finished or Failed; leaving early cancels the job.
 
-        Text that piled up while the reader was busy (a slow client) comes as one merged delta, so a
-        reader that falls behind catches up in fewer, larger chunks.
+        Text that arrived together (within WAKE_INTERVAL, or while the reader was busy with a slow
+        client) comes as one merged delta: fewer, larger chunks.
         """
         finished = False
         try:
             while not finished:
-                event = await self._events.get()
-                while isinstance(event, TextDelta) and not self._events.empty():
-                    following = self._events.get_nowait()
-                    if not isinstance(following, TextDelta):
-                        yield event
-                        event = following
-                        break
-                    event = TextDelta(event.text + following.text, event.logprobs + following.logprobs)
-                finished = not isinstance(event, TextDelta)
-                yield event
+                await self._ready.wait()
+                self._ready.clear()
+                texts: list[TextDelta] = []
+                while self._pending:
+                    event = self._pending.popleft()
+                    if isinstance(event, TextDelta):
+                        texts.append(event)
+                        continue
+                    if texts:
+                        yield _merged(texts)
+                        texts = []
+                    finished = True
+                    yield event
+                    break
+                if texts:
+                    yield _merged(texts)
         finally:
             if not finished:
                 self.cancel()
@@ -106,9 +128,17 @@ class Job:
         self._engine.cancel(self)
 
 
+def _merged(deltas: list[TextDelta]) -> TextDelta:
+    if len(deltas) == 1:
+        return deltas[0]
+    return TextDelta("".join(d.text for d in deltas), tuple(lp for d in deltas for lp in d.logprobs))
+
+
 class Engine:
-    def __init__(self, factory: ModelFactory, *, max_queue: int = 16) -> None:
+    def __init__(self, factory: ModelFactory, *, max_queue: int = 16, cache: PromptCache | None = None) -> None:
         self._factory = factory
+        self._cache = cache
+        self._evaluator: PromptEvaluator | None = None
         self._max_queue = max_queue
         self._cond = threading.Condition()
         self._context_lock = threading.Lock()  # held while the llama.cpp context is in use
@@ -166,6 +196,11 @@ class Engine:
         return self._state
 
     @property
+    def caches_prompts(self) -> bool:
+        """Whether prompts are checkpointed (the cache is on and the model has a recurrent state)."""
+        return self._evaluator is not None and self._evaluator.cache is not None
+
+    @property
     def info(self) -> ModelInfo:
         if self._state != "ready" or self._info is None:
             raise ModelNotReady("The model is loading; retry shortly" if self._state == "loading" else "The model is not available")
@@ -182,14 +217,16 @@ class Engine:
         self.info  # noqa: B018 - raises ModelNotReady before the vocabulary exists
         check_grammar(self._vocab, gbnf)
 
-    def submit(self, tokens: Sequence[int], params: GenerationParams) -> Job:
-        """Admit a request or raise QueueFull / ContextLengthExceeded / ModelNotReady."""
+    def submit(self, tokens: Sequence[int], params: GenerationParams, *, kind: CacheKind = "completion",
+               checkpoints: Sequence[int] = ()) -> Job:
+        """Admit a request or raise QueueFull / ContextLengthExceeded / ModelNotReady. `kind` and
+        `checkpoints` (token positions, e.g. where the last message starts) steer the prompt cache."""
         n_ctx = self.info.n_ctx
         if not tokens:
             raise InvalidRequest("The prompt is empty", param="prompt")
         if len(tokens) + (params.max_tokens or 1) > n_ctx:
             raise ContextLengthExceeded(context_message(n_ctx, len(tokens), params.max_tokens))
-        job = Job(self, tokens, params)
+        job = Job(self, tokens, params, kind, checkpoints)
         with self._cond:
             if self._state != "ready":
                 raise ModelNotReady("The model is not available")
@@ -226,6 +263,7 @@ class Engine:
                 decode_seconds=self._seconds["decode"],
                 last_prompt_tps=self._seconds["last_prompt_tps"],
                 last_decode_tps=self._seconds["last_decode_tps"],
+                cache=self._evaluator.cache.stats() if self._evaluator and self._evaluator.cache else None,
             )
 
     # ---- worker thread ----
@@ -262,6 +300,7 @@ class Engine:
             return False
         with self._cond:
             self._llama, self._vocab, self._info = llama, llama_cpp.llama_model_get_vocab(llama.model), info
+            self._evaluator = PromptEvaluator.for_model(llama, self._cache)
             if self._state == "loading":
                 self._state = "ready"
         self._loaded.set()
@@ -278,35 +317,17 @@ class Engine:
             self._active, job.status = job, "running"
             return job
 
-    def _evaluate_prompt(self, tokens: Sequence[int], stop: threading.Event) -> int:
-        """Bring the context to hold exactly `tokens`, reusing the longest prefix it already holds;
-        returns how many tokens were evaluated. Checks `stop` between batches, so a cancelled request
-        with a long prompt lets go of the engine early (the context then holds part of the prompt).
+    def _evaluate_prompt(self, tokens: Sequence[int], stop: threading.Event, kind: CacheKind = "completion",
+                         checkpoints: Sequence[int] = ()) -> int:
+        """Bring the context to hold exactly `tokens`; returns how many tokens were evaluated. Checks `stop`
+        between batches, so a cancelled request with a long prompt lets go of the engine early.
 
-        The one place prompts are evaluated (a prompt cache for hybrid recurrent models hooks in here).
-        Recurrent state cannot always be cut back to an arbitrary position; then we start over.
+        The one place prompts are evaluated: server.prompt_cache reuses what the context holds or, for
+        models with a recurrent state, restores a checkpoint (see PromptEvaluator).
         """
-        llama = self._llama
-        held = llama.n_tokens
-        common = 0
-        for a, b in zip(llama.input_ids[:held].tolist(), tokens, strict=False):
-            if a != b:
-                break
-            common += 1
-        common = min(common, len(tokens) - 1)  # the last prompt token is always evaluated: its logits
-        if common < held:
-            if common > 0 and llama._ctx.kv_cache_seq_rm(0, common, -1):
-                llama.n_tokens = common
-            else:
-                llama.reset()
-                common = 0
-        rest = list(tokens[common:])
-        step = max(1, llama.n_batch)
-        for start in range(0, len(rest), step):
-            if stop.is_set():
-                return start
-            llama.eval(rest[start : start + step])  # Llama.eval records the tokens it holds
-        return len(rest)
+        if self._evaluator is None:
+            raise ModelNotReady("The model is not available")
+        return self._evaluator.evaluate(tokens, stop, kind, checkpoints)
 
     def _generate(self, job: Job) -> Finished:
         llama, p, info = self._llama, job.params, self._info
@@ -314,7 +335,7 @@ class Engine:
         t0 = time.perf_counter()
         if job.cancel_requested.is_set():
             return Finished("cancelled", Usage(n_prompt, 0))
-        n_evaluated = self._evaluate_prompt(job.tokens, job.cancel_requested)
+        n_evaluated = self._evaluate_prompt(job.tokens, job.cancel_requested, job.kind, job.checkpoints)
         t1 = time.perf_counter()
         limit = info.n_ctx - n_prompt if p.max_tokens is None else min(p.max_tokens, info.n_ctx - n_prompt)
         text = TextStream(p.stop)

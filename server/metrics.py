@@ -14,6 +14,7 @@ from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.engine import Engine
+from server.prompt_cache import CacheStats
 
 PREFIX = "coder_serve"
 # Paths counted under their own label; anything else is "other", so random URLs cannot grow the label set.
@@ -50,6 +51,28 @@ class _EngineCollector(Collector):
         }
         for name, (doc, value) in gauges.items():
             yield GaugeMetricFamily(f"{PREFIX}_{name}", doc, value=value)
+        if s.cache is not None:
+            yield from _cache_metrics(s.cache)
+
+
+def _cache_metrics(stats: CacheStats) -> Iterator[Metric]:
+    """Prompt checkpoints, labelled by kind ("chat" or "completion": the pool a request belongs to)."""
+    yield GaugeMetricFamily(f"{PREFIX}_prompt_cache_capacity_bytes", "RAM allowed for prompt checkpoints",
+                            value=stats.capacity)
+    families = (
+        (CounterMetricFamily, "hits", "Prompts that restored a checkpoint"),
+        (CounterMetricFamily, "misses", "Prompts that found no checkpoint and were evaluated from the start"),
+        (CounterMetricFamily, "reused_tokens", "Prompt tokens restored from checkpoints instead of evaluated"),
+        (CounterMetricFamily, "saves", "Checkpoints stored"),
+        (CounterMetricFamily, "evictions", "Checkpoints evicted to make room"),
+        (GaugeMetricFamily, "entries", "Checkpoints held"),
+        (GaugeMetricFamily, "bytes", "Bytes of state held in checkpoints"),
+    )
+    for family, field, doc in families:
+        metric = family(f"{PREFIX}_prompt_cache_{field}", doc, labels=["kind"])
+        for kind, pool in stats.pools.items():
+            metric.add_metric([kind], getattr(pool, field))
+        yield metric
 
 
 class Metrics:

@@ -7,6 +7,7 @@ variables, then the defaults below. The CLI only maps its flags onto this model.
 from __future__ import annotations
 
 import ipaddress
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -14,6 +15,20 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1", "[::1]"})
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kib": 1 << 10, "kb": 10**3, "m": 1 << 20, "mib": 1 << 20, "mb": 10**6,
+               "g": 1 << 30, "gib": 1 << 30, "gb": 10**9, "t": 1 << 40, "tib": 1 << 40, "tb": 10**12}
+
+
+def parse_size(value: str | int) -> int:
+    """Bytes from "4GiB", "512MiB", "2G" (binary), "1.5GB" (decimal) or a plain number of bytes."""
+    if isinstance(value, int):
+        return value
+    match = _SIZE.match(value)
+    unit = match.group(2).lower() if match else None
+    if match is None or unit not in _SIZE_UNITS:
+        raise ValueError(f"not a size: {value!r} (examples: 4GiB, 512MiB, 0)")
+    return int(float(match.group(1)) * _SIZE_UNITS[unit])
 
 
 def is_loopback_host(host: str) -> bool:
@@ -43,6 +58,8 @@ class Settings(BaseSettings):
     mmap: bool | None = None  # None: the loader decides (no mmap when experts stay in RAM beside a GPU)
     verbose: bool = False  # pass llama.cpp's own log through
     seed: int = Field(0xFFFFFFFF, ge=0, le=0xFFFFFFFF)  # sampling seed when a request has none; max = random
+    # RAM for prompt checkpoints of models with a recurrent state (e.g. "4GiB"); 0 turns the cache off.
+    cache_ram: int = Field(4 << 30, ge=0)
 
     # --- HTTP ---
     host: str = "127.0.0.1"  # loopback by default: nothing else on the network can reach the server
@@ -63,6 +80,11 @@ class Settings(BaseSettings):
 
     # --- demo model ---
     cache_dir: Path | None = None  # where the demo GGUF is built; None: $XDG_CACHE_HOME or ~/.cache
+
+    @field_validator("cache_ram", mode="before")
+    @classmethod
+    def _size(cls, value: object) -> object:
+        return parse_size(value) if isinstance(value, str) else value
 
     @field_validator("host")
     @classmethod

@@ -129,3 +129,32 @@ def test_imatrix_lowers_kld(
     without = evaluate(bf16, plain, text, ctx=CTX, max_chunks=16, base_logits=cache)
     with_imatrix = evaluate(bf16, weighted, text, ctx=CTX, max_chunks=16, base_logits=cache)
     assert with_imatrix.kld_mean < without.kld_mean - 2 * without.kld_mean_unc
+
+
+def test_llama_cpp_quantizes_with_it_as_build_does(
+    bf16: Path, imatrix_file: Path, reference_model: Path, tmp_path: Path
+) -> None:
+    """llama_model_quantize, fed the file as llama-quantize feeds it (sums / counts per expert),
+    writes the same routed-expert bytes as `coder-quant build --imatrix`."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    means = load_imatrix(imatrix_file).entries  # llama-quantize's load_imatrix normalization
+    keep = [np.ascontiguousarray(v, dtype=np.float32).reshape(-1) for v in means.values()]
+    data = (llama_cpp.llama_model_imatrix_data * (len(keep) + 1))()
+    for i, (name, values) in enumerate(zip(means, keep, strict=True)):  # the last slot stays NULL
+        data[i].name, data[i].size = name.encode(), values.size
+        data[i].data = values.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+    overrides = (llama_cpp.llama_model_tensor_override * 2)()
+    overrides[0].pattern, overrides[0].type = rb"attn_|ssm_|shexp|token_embd|output", 30  # BF16: keep
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = 30  # LLAMA_FTYPE_MOSTLY_IQ4_XS
+    params.imatrix = ctypes.cast(data, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
+    params.tt_overrides = ctypes.cast(overrides, ctypes.POINTER(llama_cpp.llama_model_tensor_override))
+    theirs, ours = tmp_path / "llama-quantize.gguf", tmp_path / "build.gguf"
+    assert llama_cpp.llama_model_quantize(str(bf16).encode(), str(theirs).encode(), ctypes.byref(params)) == 0
+    build_gguf(reference_model, ours, recipe="attn-bf16-iq4xs", imatrix=imatrix_file, threads=2)
+    a = {t.name: t for t in GGUFReader(theirs).tensors if "_exps." in t.name}
+    b = {t.name: t for t in GGUFReader(ours).tensors if "_exps." in t.name}
+    assert a.keys() == b.keys() and len(a) == 12
+    for name in a:
+        assert a[name].tensor_type.name == b[name].tensor_type.name == "IQ4_XS"
+        assert np.array_equal(np.asarray(a[name].data), np.asarray(b[name].data)), name

@@ -6,7 +6,7 @@ import pytest
 from pydantic import ValidationError
 
 from server.errors import InvalidRequest, param_name
-from server.protocol import ChatCompletionRequest, CompletionRequest
+from server.protocol import MAX_STOP, ChatCompletionRequest, CompletionRequest
 from server.settings import Settings
 
 DEFAULTS = Settings(temperature=0.7, top_p=0.8, top_k=20, min_p=0.0, repeat_penalty=1.05, seed=1234)
@@ -48,7 +48,7 @@ def test_max_completion_tokens_wins_over_max_tokens() -> None:
         ({"n": 2}, "n"),
         ({"repeat_penalty": 0}, "repeat_penalty"),
         ({"logit_bias": {"5": 101}}, "logit_bias.5"),
-        ({"stop": ["s"] * 17}, "stop"),
+        ({"stop": ["s"] * (MAX_STOP + 1)}, "stop"),
     ],
 )
 def test_out_of_range_values_are_rejected_naming_the_field(fields: dict, param: str) -> None:
