@@ -67,8 +67,10 @@ def in_process(llama, text: str, max_tokens: int) -> Run:
 
 
 def over_http(client: httpx.Client, text: str, max_tokens: int, bias: dict[str, float]) -> Run:
+    # repeat_penalty 1.0 as in_process(): the server's default (1.05) adds a sampler pass over the whole
+    # vocabulary per token, which would be measured as server overhead.
     body = {"model": "bench", "prompt": text, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-            "stream_options": {"include_usage": True}, "logit_bias": bias}
+            "stream_options": {"include_usage": True}, "logit_bias": bias, "repeat_penalty": 1.0}
     start = time.perf_counter()
     first = last = None
     usage = {}
