@@ -11,6 +11,9 @@ the prompt it shares with the previous turn), measured in this process on a cont
 shared part, with the same settings. The assistant replies are scripted, so neither server holds a
 context the next prompt extends: without the cache every turn is evaluated from the start.
 
+Every figure is taken twice: wall time, and CPU time (of the server process from request to first
+chunk; of this process around the evaluation), which other jobs on a shared machine disturb far less.
+
 Without MODEL it builds the reference model (../shared/reference-model) with coder-quant, or, where that
 is absent, the demo model. Each repeat uses a conversation of its own (no cross-repeat reuse); figures
 are medians over repeats.
@@ -26,6 +29,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -123,6 +127,14 @@ def serve(args: argparse.Namespace) -> int:
     from server.engine import Engine
     from server.prompt_cache import PromptCache
 
+    parent = os.getppid()
+
+    def exit_with_parent() -> None:
+        while os.getppid() == parent:
+            time.sleep(1)
+        os._exit(0)
+
+    threading.Thread(target=exit_with_parent, daemon=True).start()
     settings = Settings(model=args.model, ctx_size=args.ctx_size, threads=args.threads, cache_ram=args.cache_ram,
                         log_level="warning")
     engine = Engine(model_factory(settings), max_queue=settings.max_queue, cache=PromptCache.create(settings.cache_ram))
@@ -148,21 +160,31 @@ def start_server(args: argparse.Namespace, model: Path, cache_ram: str) -> tuple
     raise SystemExit("bench: a server did not become healthy")
 
 
-def first_token_seconds(client: httpx.Client, messages: list[dict[str, Any]], max_tokens: int) -> tuple[float, int]:
-    """Request sent -> first streamed chunk (the first token's); returns it and the prompt's token count."""
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, all threads (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def first_token(client: httpx.Client, pid: int, messages: list[dict[str, Any]], max_tokens: int
+                ) -> tuple[float, float, int]:
+    """Request sent -> first streamed chunk (the first token's): wall seconds, the server's CPU seconds,
+    and the prompt's token count."""
     body = {"model": "bench", "messages": messages, "tools": TOOLS, "temperature": 0, "max_tokens": max_tokens,
             "stream": True, "stream_options": {"include_usage": True}}
-    start = time.perf_counter()
-    first, usage = None, {}
+    cpu, start = cpu_seconds(pid), time.perf_counter()
+    first = first_cpu = None
+    usage = {}
     with client.stream("POST", "/v1/chat/completions", json=body) as response:
         response.raise_for_status()
         for line in response.iter_lines():
             if line.startswith("data: {"):
-                first = first or time.perf_counter()
+                if first is None:
+                    first, first_cpu = time.perf_counter(), cpu_seconds(pid)
                 usage = json.loads(line[6:]).get("usage") or usage
-    if first is None:
+    if first is None or first_cpu is None:
         raise SystemExit("bench: a reply had no chunks")
-    return first - start, usage["prompt_tokens"]
+    return first - start, first_cpu - cpu, usage["prompt_tokens"]
 
 
 # ---- the in-process reference: evaluating only the new tokens ----
@@ -181,8 +203,9 @@ class NewTokens:
     def tokens(self, messages: list[dict[str, Any]]) -> list[int]:
         return self.llama.tokenize(self.template.render(messages, tools=TOOLS).encode(), add_bos=False, special=True)
 
-    def seconds(self, tokens: list[int], previous: list[int]) -> tuple[float, int]:
-        """Time to evaluate the tokens past the prefix shared with `previous`, on a context holding it."""
+    def seconds(self, tokens: list[int], previous: list[int]) -> tuple[float, float, int]:
+        """Wall and CPU seconds to evaluate the tokens past the prefix shared with `previous`, on a context
+        holding it, and their number."""
         common = next((i for i, (a, b) in enumerate(zip(previous, tokens, strict=False)) if a != b),
                       min(len(previous), len(tokens)))
         common = min(common, len(tokens) - 1)
@@ -190,11 +213,11 @@ class NewTokens:
             self.llama.reset()
             if common:
                 self.llama.eval(tokens[:common])
-        start = time.perf_counter()
+        cpu, start = time.process_time(), time.perf_counter()
         self.llama.eval(tokens[common:])
-        elapsed = time.perf_counter() - start
+        elapsed, elapsed_cpu = time.perf_counter() - start, time.process_time() - cpu
         self.held = list(tokens)
-        return elapsed, len(tokens) - common
+        return elapsed, elapsed_cpu, len(tokens) - common
 
 
 def default_model(workdir: Path) -> Path:
@@ -223,12 +246,15 @@ def run(args: argparse.Namespace, model: Path) -> dict[str, Any]:
             turns = []
             for turn, messages in enumerate(conversation(tok, args.turns, args.target_tokens, repeat)):
                 tokens = local.tokens(messages)
-                new_s, n_new = local.seconds(tokens, previous)
+                new_s, new_cpu, n_new = local.seconds(tokens, previous)
                 previous = tokens
-                row = {"turn": turn + 1, "prompt_tokens": len(tokens), "new_tokens": n_new, "new_tokens_s": new_s}
+                row = {"turn": turn + 1, "prompt_tokens": len(tokens), "new_tokens": n_new, "new_tokens_s": new_s,
+                       "new_tokens_cpu_s": new_cpu}
                 order = ("cache", "no_cache") if (turn + repeat) % 2 else ("no_cache", "cache")
                 for name in order:
-                    row[f"ttft_{name}_s"], n = first_token_seconds(clients[name], messages, args.max_tokens)
+                    proc = servers[name][0]
+                    row[f"ttft_{name}_s"], row[f"ttft_{name}_cpu_s"], n = first_token(
+                        clients[name], proc.pid, messages, args.max_tokens)
                     if n != len(tokens):
                         print(f"bench: warning: {name} saw {n} prompt tokens, expected {len(tokens)}", file=sys.stderr)
                     clients[name].post("/v1/completions", json={"model": "bench", "prompt": autocomplete_prompt(turn),
@@ -251,19 +277,23 @@ def median_rows(rows: list[list[dict[str, float]]]) -> list[dict[str, float]]:
     out = []
     for per_turn in zip(*rows, strict=True):
         row = {key: statistics.median(r[key] for r in per_turn) for key in per_turn[0]}
-        row["ttft_cache_over_new_tokens"] = row["ttft_cache_s"] / row["new_tokens_s"]
-        row["speedup"] = row["ttft_no_cache_s"] / row["ttft_cache_s"]
+        for suffix in ("s", "cpu_s"):
+            row[f"cache_over_new_tokens_{suffix}"] = row[f"ttft_cache_{suffix}"] / row[f"new_tokens_{suffix}"]
+            row[f"speedup_{suffix}"] = row[f"ttft_no_cache_{suffix}"] / row[f"ttft_cache_{suffix}"]
         out.append(row)
     return out
 
 
-def markdown(report: dict[str, Any]) -> str:
-    lines = ["| turn | prompt tokens | new tokens | new tokens alone s | TTFT no cache s | TTFT cache s "
-             "| cache / new tokens | no cache / cache |", "|---|---|---|---|---|---|---|---|"]
+def markdown(report: dict[str, Any], suffix: str) -> str:
+    """One table: wall times (suffix "s") or CPU times ("cpu_s")."""
+    what = "CPU s" if suffix == "cpu_s" else "s"
+    lines = [f"| turn | prompt tokens | new tokens | new tokens alone {what} | TTFT no cache {what} "
+             f"| TTFT cache {what} | cache / new tokens | no cache / cache |", "|---|---|---|---|---|---|---|---|"]
     for r in report["turns"]:
-        lines.append(f"| {r['turn']:.0f} | {r['prompt_tokens']:.0f} | {r['new_tokens']:.0f} | {r['new_tokens_s']:.3f} "
-                     f"| {r['ttft_no_cache_s']:.3f} | {r['ttft_cache_s']:.3f} | {r['ttft_cache_over_new_tokens']:.2f} "
-                     f"| {r['speedup']:.1f} |")
+        lines.append(f"| {r['turn']:.0f} | {r['prompt_tokens']:.0f} | {r['new_tokens']:.0f} "
+                     f"| {r[f'new_tokens_{suffix}']:.2f} | {r[f'ttft_no_cache_{suffix}']:.2f} "
+                     f"| {r[f'ttft_cache_{suffix}']:.2f} | {r[f'cache_over_new_tokens_{suffix}']:.2f} "
+                     f"| {r[f'speedup_{suffix}']:.1f} |")
     return "\n".join(lines)
 
 
@@ -273,7 +303,7 @@ def main() -> int:
     p.add_argument("--turns", type=int, default=6)
     p.add_argument("--target-tokens", type=int, default=8192, help="prompt tokens of the last turn, about")
     p.add_argument("--ctx-size", type=int, default=16384)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1, help="llama.cpp threads, in each process")
     p.add_argument("--max-tokens", type=int, default=8, help="tokens generated per turn")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--cache-ram", default="4GiB", help="the cached server's --cache-ram")
@@ -290,7 +320,10 @@ def main() -> int:
     else:
         print(f"{report['model']}, {args.threads} threads, context {args.ctx_size}, median of {args.repeats}; "
               f"load average {report['load_average'][0][0]:.1f} at start, {report['load_average'][-1][0]:.1f} at end")
-        print(markdown(report))
+        print("\nWall time\n")
+        print(markdown(report, "s"))
+        print("\nCPU time\n")
+        print(markdown(report, "cpu_s"))
     return 0
 
 

@@ -4,7 +4,7 @@ Needs only torch, transformers (>= 5, for Qwen3NextForCausalLM), tokenizers, saf
 plus two files of this repository (the tokenizer layout in quantizer/synthetic_tokenizer.py and the
 chat template in quantizer/data/); no network. From the repository root:
 
-    python3 bench/train_demo.py --minutes 4 --out OUT/demo-ckpt      # one GPU: about 6 minutes in all
+    python3 bench/train_demo.py --minutes 4 --out OUT/demo-ckpt      # one H200: about 5 minutes in all
     python3 bench/train_demo.py --minutes 0.3 --device cpu --corpus-mb 4 --out /tmp/demo-ckpt  # smoke test
     coder-quant build OUT/demo-ckpt demo.gguf
 
@@ -21,8 +21,9 @@ Steps:
      so that coder-quant's default recipe writes a GGUF under 15 MB; AdamW, bf16 autocast, warmup
      then cosine over a wall-clock and a token budget, whichever ends first;
   5. output: config.json, BF16 safetensors in shards under 15 MiB, tokenizer files,
-     generation_config.json, train_log.json ([step, seconds, loss] every --log-every steps, as the
-     shared reference model has it) and train_summary.json (corpus, budget, held-out loss).
+     generation_config.json (8 files); train_log.json ([step, seconds, loss] every --log-every steps,
+     as the shared reference model has it) and train_summary.json (corpus, budget, held-out loss)
+     go into --log-dir (default: --out) and are printed at the end.
 """
 
 from __future__ import annotations
@@ -392,6 +393,7 @@ def save(model: Qwen3NextForCausalLM, tok: Tokenizer, out: Path, ids: dict[str, 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, required=True, help="checkpoint folder to write")
+    p.add_argument("--log-dir", type=Path, help="where train_log.json and train_summary.json go (default: --out)")
     p.add_argument("--minutes", type=float, default=4.0, help="wall-clock budget of the training loop")
     p.add_argument("--max-tokens", type=float, default=200e6, help="token budget (the reference saw 126 M)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -468,13 +470,16 @@ def main(argv: list[str] | None = None) -> None:
     log(f"held-out loss {held_loss:.4f} (perplexity {math.exp(held_loss):.2f})")
 
     save(model, tok, args.out, ids, args.context)
-    write_json(args.out / "train_log.json", history, indent=None)
     summary["seconds"] = round(time.perf_counter() - began, 1)
     summary["steps"] = history[-1][0] if history else 0
-    write_json(args.out / "train_summary.json", summary)
+    log_dir = args.log_dir or args.out
+    log_dir.mkdir(parents=True, exist_ok=True)
+    write_json(log_dir / "train_log.json", history, indent=None)
+    write_json(log_dir / "train_summary.json", summary)
     sizes = {p.name: p.stat().st_size for p in sorted(args.out.iterdir())}
     log(f"wrote {args.out}: {sum(sizes.values()) / MiB:.1f} MiB in {len(sizes)} files "
         f"(largest {max(sizes.values()) / MiB:.1f} MiB); {summary['seconds']:.0f}s in all")
+    print("train_log.json", json.dumps(history), "\ntrain_summary.json", json.dumps(summary), flush=True)
 
 
 if __name__ == "__main__":

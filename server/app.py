@@ -19,7 +19,7 @@ from starlette.middleware.cors import CORSMiddleware
 
 from server import __version__
 from server.api import router
-from server.demo import DEMO_MODEL_ID, ensure_demo_model
+from server.demo import DEMO_MODEL_ID, DEMO_TRAINED_CTX, ensure_demo_model
 from server.engine import Engine, ModelFactory
 from server.errors import install_handlers
 from server.metrics import RequestCounter
@@ -45,11 +45,14 @@ def model_factory(settings: Settings) -> ModelFactory:
     def load() -> tuple[Any, dict[str, Any]]:
         from server.loader import open_model  # imported here: it loads llama.cpp's native library
 
-        path = settings.model
+        path, run_settings = settings.model, settings
         if path is None:
             path = ensure_demo_model(settings.cache_dir)
             log.info("serving the built-in DEMO model %s (pass a GGUF path to serve a real model)", path)
-        return open_model(str(path), settings)
+            # The demo was trained on 4096-token windows; a longer context only costs memory.
+            if settings.ctx_size == 0 or settings.ctx_size > DEMO_TRAINED_CTX:
+                run_settings = settings.model_copy(update={"ctx_size": DEMO_TRAINED_CTX})
+        return open_model(str(path), run_settings)
 
     return load
 

@@ -15,7 +15,7 @@ from server.templates import ChatTemplate, TemplateError
 
 log = logging.getLogger(__name__)
 
-DEMO_NOTE = "demo model: a tiny Qwen3-Next built on first run, for trying the server; pass a GGUF to serve a real one"
+DEMO_NOTE = "demo model: a tiny Qwen3-Next (16.5 M parameters) for trying the server; pass a GGUF to serve a real one"
 
 
 @dataclass
