@@ -81,14 +81,15 @@ class Tokens:
 
 
 def conversation(tok: Tokens, turns: int, target: int, repeat: int) -> list[list[dict[str, Any]]]:
-    """One message list per turn; the last is about `target` tokens long."""
+    """One message list per turn; the first about half of `target` tokens long (instructions, tool
+    definitions and the file the task is about), the last about `target`."""
     code = code_text()
-    first_file = tok.cut(code[repeat * 2000:], 1500)
+    first_file = tok.cut(code[repeat * 2000:], target // 2 - 900)
     messages: list[dict[str, Any]] = [
         {"role": "system", "content": f"Session {repeat}. {SYSTEM}"},
         {"role": "user", "content": f"The tests of stats.py fail. Here is the file:\n```python\n{first_file}\n```"},
     ]
-    per_turn = max(64, (target - 2500) // max(1, turns - 1))
+    per_turn = max(64, (target - target // 2) // max(1, turns - 1) - 70)
     out = [list(messages)]
     offset = 60000 + repeat * 100000
     for turn in range(1, turns):

@@ -25,6 +25,7 @@ DEFAULT = {name: field.default for name, field in Settings.model_fields.items()}
 FLAG_FIELDS = (
     "host", "port", "gpu_layers", "cpu_moe_layers", "ctx_size", "threads", "batch", "alias",
     "api_key", "max_queue", "max_body_bytes", "log_level", "cache_dir", "cache_ram",
+    "vram_budget",
 )
 
 
@@ -40,9 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"coder-serve {__version__}")
     p.add_argument("--host", help=f"address to bind (default {DEFAULT['host']}: this machine only)")
     p.add_argument("--port", type=int, help=f"port (default {DEFAULT['port']})")
-    p.add_argument("--gpu-layers", metavar="attn|all|none|N",
-                   help="what goes to the GPU: attn = all layers but routed experts, all, none, or the last N "
-                        f"layers (default {DEFAULT['gpu_layers']})")
+    p.add_argument("--gpu-layers", metavar="attn|all|none|auto|N",
+                   help="what goes to the GPU: attn = all layers but routed experts, all, none, auto = attn plus "
+                        f"the experts that fit, or the last N layers (default {DEFAULT['gpu_layers']})")
+    p.add_argument("--vram-budget", metavar="SIZE",
+                   help="with --gpu-layers auto: GPU memory to plan for at most, e.g. 24GiB (default: all free)")
     p.add_argument("--cpu-moe-layers", type=int, metavar="N", help="keep routed experts of the first N layers in RAM")
     p.add_argument("--ctx-size", type=int, metavar="N", help=f"context length in tokens, 0 for the model's own (default {DEFAULT['ctx_size']})")
     p.add_argument("--threads", type=int, metavar="N", help="CPU threads (default: llama.cpp's choice)")

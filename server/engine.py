@@ -35,7 +35,7 @@ ModelFactory = Callable[[], tuple[Any, dict[str, Any]]]
 EngineState = Literal["idle", "loading", "ready", "failed", "closed"]
 # Seconds between wake-ups of the event loop for one job's text: a model faster than this streams a
 # chunk per interval instead of per token (the HTTP side then costs little); a slower one token by token.
-WAKE_INTERVAL = 0.01
+WAKE_INTERVAL = 0.02
 
 
 @dataclass(frozen=True)

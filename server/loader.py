@@ -22,6 +22,7 @@ from typing import Any
 import llama_cpp
 
 from server.placement import PlacementError, PlacementPlan, format_bytes, plan_for_gguf
+from server.placement_auto import bf16_warning, parse_compute_capability
 
 log = logging.getLogger(__name__)
 
@@ -119,30 +120,68 @@ def capture_llama_log() -> Iterator[list[str]]:
         llama_cpp.llama_log_set(previous, previous_data)
 
 
-@functools.cache
-def cpu_buffer_type() -> int:
-    """ggml_backend_cpu_buffer_type() of the ggml that libllama uses (llama.cpp compares the pointer).
+def _ggml_function(name: str, restype: Any, argtypes: list[Any]) -> Any:
+    """A ggml function of the ggml that libllama uses.
 
     Wheels copy the versioned shared libraries instead of linking them, so opening a libggml file by
     name can load a second copy; resolving the symbol through the loaded libllama finds the one in use.
     """
-    candidates = [llama_cpp.llama_cpp._lib]
+    candidates: list[Any] = [llama_cpp.llama_cpp._lib]
     lib_dir = os.path.join(os.path.dirname(llama_cpp.__file__), "lib")
     for stem in ("ggml-base", "ggml-cpu", "ggml"):
-        for name in (f"lib{stem}.so.0", f"lib{stem}.dylib", f"{stem}.dll", f"lib{stem}.so"):
-            path = os.path.join(lib_dir, name)
+        for file in (f"lib{stem}.so.0", f"lib{stem}.dylib", f"{stem}.dll", f"lib{stem}.so"):
+            path = os.path.join(lib_dir, file)
             if os.path.exists(path):
                 candidates.append(path)
     for candidate in candidates:
         lib = ctypes.CDLL(candidate) if isinstance(candidate, str) else candidate
-        fn = getattr(lib, "ggml_backend_cpu_buffer_type", None)
+        fn = getattr(lib, name, None)
         if fn is not None:
-            fn.argtypes = []
-            fn.restype = ctypes.c_void_p
-            buft = fn()
-            if buft:
-                return int(buft)
-    raise ModelLoadError("ggml_backend_cpu_buffer_type not found in the llama_cpp package's libraries")
+            fn.restype, fn.argtypes = restype, argtypes
+            return fn
+    raise ModelLoadError(f"{name} not found in the llama_cpp package's libraries")
+
+
+@functools.cache
+def cpu_buffer_type() -> int:
+    """ggml_backend_cpu_buffer_type() of the ggml that libllama uses (llama.cpp compares the pointer)."""
+    buft = _ggml_function("ggml_backend_cpu_buffer_type", ctypes.c_void_p, [])()
+    if not buft:
+        raise ModelLoadError("ggml_backend_cpu_buffer_type returned NULL")
+    return int(buft)
+
+
+GGML_BACKEND_DEVICE_TYPE_GPU = 1  # enum ggml_backend_dev_type (ggml/include/ggml-backend.h): CPU, GPU, IGPU, ...
+
+
+def gpu_free_bytes() -> int | None:
+    """Free memory of the first discrete GPU ggml knows (ggml_backend_dev_memory); None without one.
+    Asks the backend only: no model is loaded."""
+    try:
+        count = _ggml_function("ggml_backend_dev_count", ctypes.c_size_t, [])
+        get = _ggml_function("ggml_backend_dev_get", ctypes.c_void_p, [ctypes.c_size_t])
+        dev_type = _ggml_function("ggml_backend_dev_type", ctypes.c_int, [ctypes.c_void_p])
+        memory = _ggml_function("ggml_backend_dev_memory", None,
+                                [ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t), ctypes.POINTER(ctypes.c_size_t)])
+    except ModelLoadError as exc:
+        log.warning("cannot ask llama.cpp for the GPU's free memory: %s", exc)
+        return None
+    for i in range(count()):
+        dev = get(i)
+        if dev and dev_type(dev) == GGML_BACKEND_DEVICE_TYPE_GPU:
+            free, total = ctypes.c_size_t(0), ctypes.c_size_t(0)
+            memory(dev, ctypes.byref(free), ctypes.byref(total))
+            return int(free.value)  # single-device placement: llama.cpp's first GPU
+    return None
+
+
+@functools.cache
+def _backend_init_log() -> str:
+    """llama.cpp's log of its first backend initialisation (where ggml-cuda names each device and its
+    compute capability); empty when something initialised it before this module was asked."""
+    with capture_llama_log() as chunks:
+        llama_cpp.llama_supports_gpu_offload()
+    return "".join(chunks)
 
 
 def build_overrides(patterns: tuple[str, ...]) -> tuple[Any, list[bytes]] | None:
@@ -243,10 +282,15 @@ class PlacedLlama(llama_cpp.Llama):
 def open_model(path: str, settings: Any, **llama_kwargs: Any) -> tuple[llama_cpp.Llama, dict[str, Any]]:
     """Load `path` with the placement `settings` asks for; returns the model and a summary of the
     placement in effect (for /health and the startup log). Extra keyword arguments go to Llama."""
+    init_log = _backend_init_log()
     gpu = bool(llama_cpp.llama_supports_gpu_offload())
-    plan = plan_for_gguf(path, settings, gpu_backend=gpu)
+    plan = plan_for_gguf(path, settings, gpu_backend=gpu, free_bytes=gpu_free_bytes() if gpu else None)
     if not gpu and plan.preset_requested != "none":
         _warn_no_gpu_once(plan.preset_requested)
+    warning = bf16_warning(parse_compute_capability(init_log) if gpu else None,
+                           {t.ggml_type for t in plan.tensors if t.device == "gpu"})
+    if warning:
+        log.warning("%s", warning)
     mmap = choose_mmap(settings, plan)
     kwargs = llama_arguments(settings, plan, mmap) | llama_kwargs
     log.info("loading %s\n%s", path, plan.render())
@@ -273,6 +317,7 @@ def open_model(path: str, settings: Any, **llama_kwargs: Any) -> tuple[llama_cpp
         "reported_gpu_bytes": reported_bytes(buffers, host=False),
         "reported_cpu_bytes": reported_bytes(buffers, host=True),
         "buffers": buffers,
+        "auto": plan.auto,
     }
     log.info(
         "placement %s: %d/%d layers on GPU; planned %s GPU, %s CPU; llama.cpp reports %s GPU, %s CPU",

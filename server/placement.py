@@ -5,6 +5,7 @@ Presets (`--gpu-layers`):
   all   everything offloaded
   none  CPU only
   N     llama.cpp's `-ngl N`: the output layer and the last N-1 repeating layers are offloaded
+  auto  attn plus as many layers' experts as fit in the GPU's free memory (server/placement_auto.py)
 `--cpu-moe-layers K` keeps the routed experts of layers 0..K-1 in RAM, like llama.cpp's `--n-cpu-moe`.
 
 The rules mirror llama.cpp's loader (src/llama-model.cpp `load_tensors`, src/llama-model-loader.cpp
@@ -16,19 +17,19 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
 Device = Literal["gpu", "cpu"]
-PresetKind = Literal["attn", "all", "none", "layers"]
+PresetKind = Literal["attn", "all", "none", "layers", "auto"]
 PlacementClass = Literal[
     "attention", "ssm", "shared_expert", "routed_expert", "embedding", "output", "norm", "router", "other"
 ]
 PLACEMENT_CLASSES: tuple[PlacementClass, ...] = (
     "attention", "ssm", "shared_expert", "routed_expert", "embedding", "output", "norm", "router", "other",
 )
-NAMED_PRESETS: tuple[str, ...] = ("attn", "all", "none")
+NAMED_PRESETS: tuple[str, ...] = ("attn", "all", "none", "auto")
 
 # Bounds applied before any number reaches llama.cpp (its fields are int32 / uint32).
 MAX_GPU_LAYERS = 100_000
@@ -89,6 +90,7 @@ class MemoryShape:
     ssm_state_size: int = 0
     ssm_group_count: int = 0
     ctx_train: int = 0
+    n_head: int = 0  # query heads (largest over layers); sizes attention scores without flash attention
 
     @property
     def n_layer(self) -> int:
@@ -124,6 +126,7 @@ class TensorPlacement:
     layer: int | None  # None for input/output tensors
     device: Device
     nbytes: int
+    ggml_type: str = ""
 
 
 @dataclass(frozen=True)
@@ -142,7 +145,9 @@ def parse_preset(gpu_layers: str | int | None, cpu_moe_layers: int | None = None
             raise PlacementError(f"cpu_moe_layers must be an integer, got {cpu_moe_layers!r}")
         if not 0 <= cpu_moe_layers <= MAX_GPU_LAYERS:
             raise PlacementError(f"cpu_moe_layers must be between 0 and {MAX_GPU_LAYERS}, got {cpu_moe_layers}")
-    if text in ("attn", "all"):
+    if text == "auto" and cpu_moe_layers:
+        raise PlacementError("cpu_moe_layers cannot be combined with gpu_layers auto, which chooses it")
+    if text in ("attn", "all", "auto"):  # auto: resolved by plan_for_gguf / placement_auto.choose_auto
         return Preset(text, text, -1, cpu_moe_layers)  # type: ignore[arg-type]
     if text == "none":
         return Preset(text, "none", 0, cpu_moe_layers)
@@ -204,6 +209,7 @@ class PlacementPlan:
     tensors: tuple[TensorPlacement, ...]
     skipped: tuple[str, ...]  # tensors llama.cpp does not load (MTP layers)
     caches: tuple[CacheBlock, ...]
+    auto: dict[str, Any] | None = None  # AutoChoice.to_json() when `auto` was requested
 
     def weight_bytes(self, device: Device) -> int:
         return sum(t.nbytes for t in self.tensors if t.device == device)
@@ -254,14 +260,18 @@ class PlacementPlan:
                 for t in self.tensors
             ],
             "skipped": list(self.skipped),
+            "auto": self.auto,
         }
 
     def render(self) -> str:
         """A short table for the terminal."""
         requested = self.preset_requested
+        if self.auto is not None:
+            note = f" (auto: {self.auto['reason']})"
+        else:
+            note = "" if requested == self.preset_effective else f" (requested {requested}; no GPU backend)"
         lines = [
-            f"placement: {self.preset_effective}"
-            + ("" if requested == self.preset_effective else f" (requested {requested}; no GPU backend)"),
+            f"placement: {self.preset_effective}{note}",
             f"  layers on GPU: {self.gpu_layer_count()}/{self.n_layer_all + 1} (output layer counted, as llama.cpp does)",
         ]
         if self.overrides:
@@ -308,6 +318,8 @@ def plan_placement(
     tensors: Sequence[TensorInfo], shape: MemoryShape, preset: Preset, ctx_size: int, gpu_backend: bool
 ) -> PlacementPlan:
     """The placement llama.cpp will carry out for these tensors: pure, no I/O."""
+    if preset.kind == "auto" and gpu_backend:
+        raise PlacementError("gpu_layers auto must be resolved first (server.placement_auto.choose_auto)")
     effective = preset if gpu_backend else Preset(preset.requested, "none", 0, None)
     overrides = cpu_override_patterns(effective, shape.n_layer_all)
     compiled = [re.compile(p) for p in overrides]
@@ -333,7 +345,7 @@ def plan_placement(
             device = device_of_layer(il)
         if device == "gpu" and any(p.search(t.name) for p in compiled):
             device = "cpu"
-        placed.append(TensorPlacement(t.name, tensor_class(t.name), il, device, t.nbytes))
+        placed.append(TensorPlacement(t.name, tensor_class(t.name), il, device, t.nbytes, t.ggml_type))
 
     n_ctx = padded_ctx(ctx_size, shape)
     caches = []
@@ -409,6 +421,7 @@ def memory_shape_from_fields(fields: dict[str, Any]) -> MemoryShape:
         ssm_state_size=int(get("ssm.state_size", 0)),
         ssm_group_count=int(get("ssm.group_count", 0)),
         ctx_train=int(get("context_length", 0)),
+        n_head=max(n_head),
     )
 
 
@@ -441,11 +454,25 @@ def preset_from_settings(settings: Any) -> Preset:
     return parse_preset(getattr(settings, "gpu_layers", "attn"), getattr(settings, "cpu_moe_layers", None))
 
 
-def plan_for_gguf(path: str | Path, settings: Any, gpu_backend: bool | None = None) -> PlacementPlan:
-    """Plan the placement of the GGUF at `path` for `settings` (gpu_layers, cpu_moe_layers, ctx_size),
-    without loading it. `gpu_backend` defaults to what the installed llama.cpp build supports."""
+def plan_for_gguf(path: str | Path, settings: Any, gpu_backend: bool | None = None,
+                  free_bytes: int | None = None) -> PlacementPlan:
+    """Plan the placement of the GGUF at `path` for `settings` (gpu_layers, cpu_moe_layers, ctx_size,
+    vram_budget), without loading it. `gpu_backend` defaults to what the installed llama.cpp build
+    supports; then `auto` also asks llama.cpp for the GPU's free memory unless `free_bytes` is given."""
     tensors, shape = read_gguf(path)
+    probe = gpu_backend is None
     if gpu_backend is None:
         gpu_backend = gpu_backend_available()
-    return plan_placement(tensors, shape, preset_from_settings(settings), getattr(settings, "ctx_size", 4096),
-                          gpu_backend)
+    preset = preset_from_settings(settings)
+    ctx_size = getattr(settings, "ctx_size", 4096)
+    if preset.kind != "auto" or not gpu_backend:
+        return plan_placement(tensors, shape, preset, ctx_size, gpu_backend)
+    from server.placement_auto import resolve_auto  # it builds on this module
+
+    if free_bytes is None and probe:
+        from server.loader import gpu_free_bytes  # the backend query loads llama.cpp, not the model
+
+        free_bytes = gpu_free_bytes()
+    choice = resolve_auto(tensors, shape, settings, free_bytes)
+    plan = plan_placement(tensors, shape, choice.preset, ctx_size, gpu_backend)
+    return replace(plan, preset_requested="auto", auto=choice.to_json())

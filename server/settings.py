@@ -48,7 +48,9 @@ class Settings(BaseSettings):
     # --- model and placement (read by server.loader / server.placement) ---
     model: Path | None = None  # GGUF to serve; None serves the built-in demo model
     alias: str | None = None  # model id clients see; defaults to the file name without .gguf
-    gpu_layers: str = Field("attn", pattern=r"^(attn|all|none|\d+)$")  # what goes to the GPU
+    gpu_layers: str = Field("attn", pattern=r"^(attn|all|none|auto|\d+)$")  # what goes to the GPU
+    # cap on GPU memory `--gpu-layers auto` plans for (e.g. "24GiB"); 0: the GPU's free memory only
+    vram_budget: int = Field(0, ge=0)
     cpu_moe_layers: int = Field(0, ge=0)  # keep routed experts of the first N layers on the CPU
     ctx_size: int = Field(32768, ge=0, le=1 << 22)  # tokens of context; 0 uses the model's trained length
     threads: int | None = Field(None, ge=1, le=1024)  # decode threads; None lets llama.cpp choose
@@ -81,7 +83,7 @@ class Settings(BaseSettings):
     # --- demo model ---
     cache_dir: Path | None = None  # where the demo GGUF is built; None: $XDG_CACHE_HOME or ~/.cache
 
-    @field_validator("cache_ram", mode="before")
+    @field_validator("cache_ram", "vram_budget", mode="before")
     @classmethod
     def _size(cls, value: object) -> object:
         return parse_size(value) if isinstance(value, str) else value
