@@ -69,7 +69,7 @@ async def start_chat(
     checkpoints: tuple[int, ...] = ()
     if engine.caches_prompts:  # a checkpoint where the last user/tool messages start: a next turn branches there
         render = partial(template.render, tools=tools, add_generation_prompt=False)
-        checkpoints = await run_in_threadpool(last_turn_start, render, messages, tokens, engine.tokenize)
+        checkpoints = await run_in_threadpool(last_turn_start, render, messages, prompt, tokens, engine.tokenize)
     job = engine.submit(tokens, params, kind="chat", checkpoints=checkpoints)
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     return job, ChatTurn(model, tools, include_usage, params.logprobs)

@@ -356,20 +356,23 @@ class PromptEvaluator:
             log.exception("saving a prompt checkpoint failed")
 
 
-def last_turn_start(render: Callable[[list[dict[str, Any]]], str], messages: list[dict[str, Any]],
+def last_turn_start(render: Callable[[list[dict[str, Any]]], str], messages: list[dict[str, Any]], prompt: str,
                     tokens: Sequence[int], tokenize: Callable[[str], list[int]]) -> tuple[int, ...]:
-    """The token position where the trailing user/tool messages begin (the point a next turn, or a retry
-    with an edited last message, branches from), or () where the earlier messages do not render to a
-    prefix of the prompt. `render` renders messages without a generation prompt."""
+    """The token position in `tokens` (the prompt's) where the trailing user/tool messages begin: the point
+    a next turn, or a retry with an edited last message, branches from. () where the earlier messages
+    (rendered by `render`, without a generation prompt) are not a prefix of `prompt`, or the rest of it
+    does not tokenize alone as it does within the prompt. Only the rest is tokenized again: it is short."""
     i = len(messages)
     while i > 0 and messages[i - 1].get("role") in ("user", "tool"):
         i -= 1
     if i == 0 or i == len(messages):
         return ()
     try:
-        head = tokenize(render(messages[:i]))
+        head = render(messages[:i])
     except ValueError:  # a template that refuses a conversation cut there (TemplateError is a ValueError)
         return ()
-    if not 0 < len(head) < len(tokens) or list(tokens[: len(head)]) != head:
+    if not head or not prompt.startswith(head):
         return ()
-    return (len(head),)
+    rest = tokenize(prompt[len(head):])
+    at = len(tokens) - len(rest)
+    return (at,) if 0 < at < len(tokens) and list(tokens[at:]) == rest else ()

@@ -88,13 +88,14 @@ def test_the_last_turn_starts_where_the_trailing_user_and_tool_messages_begin(qw
     prompt = template.render(messages)
     encode = list  # characters stand in for tokens
     render = lambda m: template.render(m, add_generation_prompt=False)  # noqa: E731
-    (at,) = last_turn_start(render, messages, encode(prompt), encode)
+    (at,) = last_turn_start(render, messages, prompt, encode(prompt), encode)
     assert prompt[at:].startswith("<|im_start|>user\n<tool_response>\nt1")
     first = template.render(messages[:2])
-    (at,) = last_turn_start(render, messages[:2], encode(first), encode)
+    (at,) = last_turn_start(render, messages[:2], first, encode(first), encode)
     assert first[at:] == "<|im_start|>user\nu<|im_end|>\n<|im_start|>assistant\n"
-    assert last_turn_start(render, messages[1:2], encode(first), encode) == ()  # nothing before the user turn
-    assert last_turn_start(render, messages, encode("other text"), encode) == ()
+    assert last_turn_start(render, messages[1:2], first, encode(first), encode) == ()  # nothing before the user turn
+    assert last_turn_start(render, messages, "other text", encode("other text"), encode) == ()
+    assert last_turn_start(render, messages, prompt, encode(prompt.upper()), encode) == ()  # tokens disagree
 
 
 # ---- real hybrid models ----
@@ -178,8 +179,10 @@ def test_agent_turns_give_the_same_tokens_with_and_without_the_cache(engines: tu
     async def scenario() -> None:
         previous: list[int] = []
         for turn, messages in enumerate(agent_turns(5)):
-            tokens = on.tokenize(template.render(messages))
-            branch = last_turn_start(render, messages, tokens, on.tokenize)
+            prompt = template.render(messages)
+            tokens = on.tokenize(prompt)
+            branch = last_turn_start(render, messages, prompt, tokens, on.tokenize)
+            assert branch, "the last turn's start is found in the prompt's tokens"
             before_on = on.stats()
             with_cache = await run(on, tokens, checkpoints=branch)
             without = await run(off, tokens, checkpoints=branch)
@@ -252,7 +255,7 @@ def test_chat_checkpoints_survive_a_burst_of_autocompletion(test_gguf: Path) -> 
         engine.close()
 
 
-def test_cache_ram_zero_or_an_attention_model_leaves_the_cache_off(test_gguf: Path) -> None:
+def test_cache_ram_zero_leaves_the_cache_off(test_gguf: Path) -> None:
     engine = started(test_gguf, PromptCache.create(0))
     try:
         assert not engine.caches_prompts and engine.stats().cache is None
