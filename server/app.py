@@ -23,6 +23,7 @@ from server.demo import DEMO_MODEL_ID, DEMO_TRAINED_CTX, ensure_demo_model
 from server.engine import Engine, ModelFactory
 from server.errors import install_handlers
 from server.metrics import RequestCounter
+from server.prompt_cache import PromptCache
 from server.security import APIKeyCheck, BodyLimit, HostCheck
 from server.settings import Settings
 from server.state import ServerState
@@ -58,7 +59,7 @@ def model_factory(settings: Settings) -> ModelFactory:
 
 
 def create_engine(settings: Settings) -> Engine:
-    return Engine(model_factory(settings), max_queue=settings.max_queue)
+    return Engine(model_factory(settings), max_queue=settings.max_queue, cache=PromptCache.create(settings.cache_ram))
 
 
 def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:

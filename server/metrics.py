@@ -18,7 +18,9 @@ from server.prompt_cache import CacheStats
 
 PREFIX = "coder_serve"
 # Paths counted under their own label; anything else is "other", so random URLs cannot grow the label set.
-KNOWN_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics"})
+KNOWN_PATHS = frozenset(
+    {"/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/models", "/health", "/metrics"}
+)
 
 
 class _EngineCollector(Collector):

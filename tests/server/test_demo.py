@@ -9,7 +9,14 @@ from typing import Any
 
 import pytest
 
-from server.demo import BUNDLED_DEMO, DEMO_FILE, DEMO_MODEL_ID, bundled_demo_model, cache_root, ensure_demo_model
+from server.demo import (
+    BUNDLED_DEMO,
+    DEMO_FILE,
+    DEMO_MODEL_ID,
+    bundled_demo_model,
+    cache_root,
+    ensure_demo_model,
+)
 
 
 def test_cache_folder_follows_xdg(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
