@@ -16,6 +16,7 @@ import logging
 import math
 import re
 import tempfile
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -205,9 +206,14 @@ def best_uniform(options: Sequence[Option], budget: int) -> tuple[str, float] | 
 
 
 def rules_for(groups: Sequence[Group], allocation: Allocation) -> tuple[str, ...]:
-    """--rule arguments carrying out an allocation on top of the bf16 recipe."""
+    """--rule arguments carrying out an allocation on top of the bf16 recipe: one rule per group that
+    differs from the most common type, then that type for every routed expert (first match wins)."""
     pattern = {g.name: g.pattern for g in groups}
-    return tuple(f"{pattern[g]}={t}" for g, t in allocation.choice if t != KEEP)
+    common = Counter(t for _, t in allocation.choice).most_common(1)[0][0]
+    rules = [f"{pattern[g]}={t}" for g, t in allocation.choice if t != common]
+    if common != KEEP:
+        rules.append(f"class:routed_expert={common}")
+    return tuple(rules)
 
 
 @dataclass

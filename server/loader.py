@@ -284,7 +284,9 @@ def open_model(path: str, settings: Any, **llama_kwargs: Any) -> tuple[llama_cpp
     placement in effect (for /health and the startup log). Extra keyword arguments go to Llama."""
     init_log = _backend_init_log()
     gpu = bool(llama_cpp.llama_supports_gpu_offload())
-    plan = plan_for_gguf(path, settings, gpu_backend=gpu, free_bytes=gpu_free_bytes() if gpu else None)
+    # Free memory is asked for only when `auto` needs it: the other presets touch no device before loading.
+    wants_free = gpu and str(getattr(settings, "gpu_layers", "")) == "auto"
+    plan = plan_for_gguf(path, settings, gpu_backend=gpu, free_bytes=gpu_free_bytes() if wants_free else None)
     if not gpu and plan.preset_requested != "none":
         _warn_no_gpu_once(plan.preset_requested)
     warning = bf16_warning(parse_compute_capability(init_log) if gpu else None,

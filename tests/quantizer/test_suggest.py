@@ -11,7 +11,8 @@ import pytest
 
 from quantizer.build import checkpoint_specs
 from quantizer.cli import main
-from quantizer.recipes import KEEP
+from quantizer.plan import make_plan
+from quantizer.recipes import KEEP, get_recipe
 from quantizer.source import open_checkpoint
 from quantizer.suggest import (
     Option,
@@ -92,8 +93,13 @@ def test_groups_and_rules_select_exactly_their_tensors(specs: list) -> None:
     down0 = next(g for g in groups if g.name == "blk.0.ffn_down_exps")
     assert down0.nbytes("iq4_xs") == 16 * 256 * 136 and down0.nbytes(KEEP) == 16 * 256 * 256 * 2
     options = [Option(g.name, "iq4_xs", g.nbytes("iq4_xs"), 0.001) for g in groups]
-    rules = rules_for(groups, allocate(options, 10**9))
-    assert len(rules) == 12 and rules[0].endswith("=iq4_xs")
+    options.append(Option("blk.0.ffn_down_exps", "q5_k", down0.nbytes("q5_k"), 0.0005))
+    alloc = allocate(options, 10**9)
+    assert dict(alloc.choice)["blk.0.ffn_down_exps"] == "q5_k"
+    assert rules_for(groups, alloc) == (r"^blk\.0\.ffn_down_exps\.=q5_k", "class:routed_expert=iq4_xs")
+    plan = make_plan(specs, get_recipe("bf16", rules_for(groups, alloc)))
+    chosen = {e.name: e.type for e in plan.entries if e.spec.tclass == "routed_expert"}
+    assert chosen.pop("blk.0.ffn_down_exps.weight") == "q5_k" and set(chosen.values()) == {"iq4_xs"}
 
 
 def test_budget_split(specs: list) -> None:
