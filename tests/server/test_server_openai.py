@@ -146,10 +146,6 @@ def test_completion_echo_repeats_the_prompt(client: openai.OpenAI) -> None:
 
 
 def test_tool_choice_required_yields_tool_calls(client: openai.OpenAI) -> None:
-    from server import toolcalls
-
-    if getattr(toolcalls, "grammar_for", None) is None:
-        pytest.skip("server.toolcalls has no grammar_for yet (tool-call parser not merged)")
     tools = [{"type": "function", "function": {
         "name": "get_weather", "description": "Weather for a city",
         "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 8}}, "required": ["city"]}}}]
