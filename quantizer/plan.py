@@ -21,6 +21,8 @@ from quantizer.recipes import CLASS_PREFIX, FINAL_FALLBACK, KEEP, PROTECTED, SHA
 from quantizer.spec import TENSOR_CLASSES, TensorClass, TensorSpec
 
 Placement = Literal["gpu", "ram"]
+# Tensor classes that stay in system RAM under `--gpu-layers attn` (as llama.cpp places them).
+RAM_CLASSES = frozenset({"routed_expert", "embedding"})
 
 # Header size estimate. Tensor infos are counted exactly; the key/value metadata is dominated by
 # the tokenizer (token strings, token types, BPE merges: about 38 bytes per vocabulary entry for
@@ -53,8 +55,10 @@ class PlanEntry:
 
     @property
     def placement(self) -> Placement:
-        """Where `--gpu-layers attn` puts it: routed experts stay in system RAM."""
-        return "ram" if self.spec.tclass == "routed_expert" else "gpu"
+        """Where `--gpu-layers attn` puts it: routed experts stay in system RAM, and so does token_embd,
+        which llama.cpp keeps on the CPU whatever -ngl says (its rows are gathered, not multiplied;
+        src/llama-model.cpp, the input layer). server/placement.py places it the same way."""
+        return "ram" if self.spec.tclass in RAM_CLASSES else "gpu"
 
 
 @dataclass(frozen=True)
@@ -239,7 +243,7 @@ def render_text(plan: Plan, per_tensor: bool = True) -> str:
     lines.append(f"file size (estimate): {plan.file_bytes:,} bytes ({_fmt_bytes(plan.file_bytes)})")
     lines.append(
         f"--gpu-layers attn: GPU {plan.gpu_bytes:,} bytes ({_fmt_bytes(plan.gpu_bytes)}), "
-        f"RAM {plan.ram_bytes:,} bytes ({_fmt_bytes(plan.ram_bytes)}) of routed experts"
+        f"RAM {plan.ram_bytes:,} bytes ({_fmt_bytes(plan.ram_bytes)}) of routed experts and token_embd"
     )
     if plan.fallbacks():
         lines.append(f"{len(plan.fallbacks())} tensor(s) use a fallback type (see the rule column)")
