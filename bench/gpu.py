@@ -370,7 +370,7 @@ def write_report(out: Path, report: dict[str, Any]) -> None:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", help="folder for gpu-bench.json and gpu-bench.md (required)")
-    p.add_argument("--work", default=str(ROOT / ".device" / "work"), help="checkpoint, GGUF and logs")
+    p.add_argument("--work", default=str(ROOT / ".offline-bundle" / "work"), help="checkpoint, GGUF and logs")
     p.add_argument("--gguf", help="benchmark this GGUF instead of building one")
     p.add_argument("--shape", default="coder-next", help="synthetic preset: coder-next, demo or tiny")
     p.add_argument("--layers", type=int, default=4, help="layers of the synthetic model")

@@ -5,7 +5,7 @@ plus two files of this repository (the tokenizer layout in quantizer/synthetic_t
 chat template in quantizer/data/); no network. From the repository root:
 
     python3 bench/train_demo.py --minutes 4 --out OUT/demo-ckpt      # one H200: about 5 minutes in all
-    python3 bench/train_demo.py --minutes 0.3 --device cpu --corpus-mb 4 --out /tmp/demo-ckpt  # smoke test
+    python3 bench/train_demo.py --minutes 0.3 --device cpu --corpus-mb 4 --out demo-ckpt  # smoke test
     coder-quant build OUT/demo-ckpt demo.gguf
 
 Steps:

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# Build .device/ (git-ignored): everything a GPU machine WITHOUT network needs to run bench/gpu.py.
+# Build .offline-bundle/ (git-ignored): everything a GPU machine WITHOUT network needs to run bench/gpu.py.
 # Run it on a machine with network access to the package index, from anywhere:
 #
 #   scripts/gpu-prepare.sh [path/to/llama_cpp_python-0.3.36.tar.gz]
 #
-# .device/ then holds
+# .offline-bundle/ then holds
 #   llama_cpp_python-0.3.36.tar.gz  the sdist, without llama.cpp's models, docs, tests, examples,
 #                                   benches, tools/server, tools/ui and .git (not needed to build)
 #   wheels/                         every Python dependency the GPU machine lacks, for CPython
@@ -16,7 +16,7 @@ set -euo pipefail
 
 cd "$(dirname "$0")/.."
 LLAMA_VERSION=0.3.36
-DEST=.device
+DEST=.offline-bundle
 LIMIT_MIB=64
 PY_VERSIONS=(3.10 3.11 3.12 3.13 3.14)
 PLATFORMS=(x86_64 aarch64)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# On a GPU machine WITHOUT network: install from .device/ (made by scripts/gpu-prepare.sh) and run
+# On a GPU machine WITHOUT network: install from .offline-bundle/ (made by scripts/gpu-prepare.sh) and run
 # the placement benchmark. From the repository root:
 #
 #   scripts/gpu-run.sh install              # compile llama-cpp-python with CUDA, install the wheels
@@ -7,7 +7,7 @@
 #   scripts/gpu-run.sh all [options...]     # both
 #   scripts/gpu-run.sh test                 # the GPU cases of the loader tests (pytest)
 #
-# Results go to $OUT (default .device/out): gpu-bench.json, gpu-bench.md, plus the server logs.
+# Results go to $OUT (default .offline-bundle/out): gpu-bench.json, gpu-bench.md, plus the server logs.
 # Installs into the active virtual environment, or else into .venv (created with
 # --system-site-packages so the machine's numpy, jinja2, cmake, ninja and scikit-build-core are
 # used); the model is built under build/gpu-bench. Both are git-ignored, survive between runs and
@@ -17,7 +17,7 @@
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
-DEV=.device
+DEV=.offline-bundle
 VENV=.venv
 OUT=${OUT:-$DEV/out}
 LLAMA_VERSION=0.3.36
