@@ -15,8 +15,8 @@ from starlette.concurrency import run_in_threadpool
 
 from server import toolcalls
 from server.engine import Engine, GenerationParams, Job
-from server.errors import GenerationFailed, InvalidRequest
-from server.events import Failed, Finished, TextDelta, TokenLogprob
+from server.errors import InvalidRequest
+from server.events import Finished, TextDelta, TokenLogprob
 from server.prompt_cache import last_turn_start
 from server.protocol import ChatCompletionRequest
 from server.responses import (
@@ -86,18 +86,8 @@ async def _check_grammar(engine: Engine, params: GenerationParams, param: str) -
 
 async def complete_chat(job: Job, turn: ChatTurn) -> dict[str, Any]:
     """Run the job to the end and build one chat.completion."""
-    pieces: list[str] = []
-    logprobs: list[TokenLogprob] = []
-    final: Finished | Failed | None = None
-    async for event in job.events():
-        if isinstance(event, TextDelta):
-            pieces.append(event.text)
-            logprobs.extend(event.logprobs)
-        else:
-            final = event
-    if not isinstance(final, Finished) or final.reason == "cancelled":
-        raise GenerationFailed("The generation failed")
-    parsed = toolcalls.parse_turn("".join(pieces), turn.tools)
+    text, logprobs, final = await job.result()
+    parsed = toolcalls.parse_turn(text, turn.tools)
     calls = [ToolCallOut.model_validate(call) for call in parsed.tool_calls]
     message = AssistantMessageOut(content=parsed.content, tool_calls=calls) if calls else AssistantMessageOut(
         content=parsed.content

@@ -9,8 +9,8 @@ from typing import Any
 from starlette.concurrency import run_in_threadpool
 
 from server.engine import Engine, Job
-from server.errors import GenerationFailed, InvalidRequest
-from server.events import Failed, Finished, TextDelta, TokenLogprob
+from server.errors import InvalidRequest
+from server.events import Finished, TextDelta
 from server.protocol import CompletionRequest
 from server.responses import (
     SYSTEM_FINGERPRINT,
@@ -63,22 +63,12 @@ def _completion(turn: CompletionTurn, cid: str, created: int, choice: Completion
 
 
 async def complete_text(job: Job, turn: CompletionTurn) -> dict[str, Any]:
-    pieces: list[str] = [turn.echo]
-    logprobs: list[TokenLogprob] = []
-    final: Finished | Failed | None = None
-    async for event in job.events():
-        if isinstance(event, TextDelta):
-            pieces.append(event.text)
-            logprobs.extend(event.logprobs)
-        else:
-            final = event
-    if not isinstance(final, Finished) or final.reason == "cancelled":
-        raise GenerationFailed("The generation failed")
+    text, logprobs, final = await job.result()
     choice = CompletionChoice(
         finish_reason=final.reason,
         index=0,
         logprobs=completion_logprobs(logprobs, len(turn.echo)) if turn.logprobs else None,
-        text="".join(pieces),
+        text=turn.echo + text,
     )
     return dump(_completion(turn, new_id("cmpl"), now(), choice, usage_model(final.usage)))
 

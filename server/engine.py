@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 import llama_cpp
 
-from server.errors import ContextLengthExceeded, InvalidRequest, ModelNotReady, QueueFull
+from server.errors import ContextLengthExceeded, GenerationFailed, InvalidRequest, ModelNotReady, QueueFull
 from server.events import Event, Failed, Finished, TextDelta, TokenLogprob, Usage
 from server.logprobs import token_logprob
 from server.modelinfo import ModelInfo, context_message, describe, token_piece
@@ -123,6 +123,22 @@ class Job:
         finally:
             if not finished:
                 self.cancel()
+
+    async def result(self) -> tuple[str, list[TokenLogprob], Finished]:
+        """Run to the end: all text, all logprobs and the final event (the non-streaming paths).
+        A failed or cancelled generation raises GenerationFailed."""
+        pieces: list[str] = []
+        logprobs: list[TokenLogprob] = []
+        final: Finished | Failed | None = None
+        async for event in self.events():
+            if isinstance(event, TextDelta):
+                pieces.append(event.text)
+                logprobs.extend(event.logprobs)
+            else:
+                final = event
+        if not isinstance(final, Finished) or final.reason == "cancelled":
+            raise GenerationFailed("The generation failed")
+        return "".join(pieces), logprobs, final
 
     def cancel(self) -> None:
         self._engine.cancel(self)

@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from quantizer.build import build_gguf
 from quantizer.cli import main
 from quantizer.evaluate import (
     EvalError,
@@ -19,6 +18,7 @@ from quantizer.evaluate import (
     evaluate,
     score_chunk,
 )
+from tests.quantizer.conftest import build_reference
 
 CTX = 256
 CHUNKS = 8
@@ -73,24 +73,16 @@ def test_chunks_drop_the_tail_and_need_two_contexts() -> None:
 # --- real models: the reference checkpoint built to GGUF -------------------------------------
 
 
-def _build(tmp_path_factory: pytest.TempPathFactory, reference_model: Path, recipe: str) -> Path:
-    """One build per recipe and test session, shared by the quality test modules."""
-    folder = tmp_path_factory.getbasetemp() / "reference-builds"
-    folder.mkdir(exist_ok=True)
-    out = folder / f"{recipe}.gguf"
-    if not out.is_file():
-        build_gguf(reference_model, out, recipe=recipe, threads=2)
-    return out
 
 
 @pytest.fixture(scope="module")
-def bf16(tmp_path_factory: pytest.TempPathFactory, reference_model: Path) -> Path:
-    return _build(tmp_path_factory, reference_model, "bf16")
+def bf16(reference_bf16: Path) -> Path:
+    return reference_bf16
 
 
 @pytest.fixture(scope="module")
 def iq4xs(tmp_path_factory: pytest.TempPathFactory, reference_model: Path) -> Path:
-    return _build(tmp_path_factory, reference_model, "attn-bf16-iq4xs")
+    return build_reference(tmp_path_factory, reference_model, "attn-bf16-iq4xs")
 
 
 @pytest.fixture(scope="module")

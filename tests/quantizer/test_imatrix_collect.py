@@ -44,18 +44,11 @@ def test_default_calibration_text_is_python_source() -> None:
     assert len(text) > 100_000 and "def " in text and label.startswith("python")
 
 
-def _build(tmp_path_factory: pytest.TempPathFactory, reference_model: Path, recipe: str) -> Path:
-    folder = tmp_path_factory.getbasetemp() / "reference-builds"
-    folder.mkdir(exist_ok=True)
-    out = folder / f"{recipe}.gguf"
-    if not out.is_file():
-        build_gguf(reference_model, out, recipe=recipe, threads=2)
-    return out
 
 
 @pytest.fixture(scope="module")
-def bf16(tmp_path_factory: pytest.TempPathFactory, reference_model: Path) -> Path:
-    return _build(tmp_path_factory, reference_model, "bf16")
+def bf16(reference_bf16: Path) -> Path:
+    return reference_bf16
 
 
 @pytest.fixture(scope="module")
