@@ -264,10 +264,13 @@ def raw_main(spec: dict[str, Any]) -> dict[str, Any]:
     from server.loader import open_model
 
     settings = SimpleNamespace(gpu_layers=spec["gpu_layers"], cpu_moe_layers=spec["cpu_moe_layers"],
-                               ctx_size=spec["ctx_size"], threads=spec["threads"], batch=spec["batch"])
+                               ctx_size=spec["ctx_size"], threads=spec["threads"], batch=spec["batch"],
+                               **{k: spec[k] for k in ("ubatch", "threads_batch", "mmap", "repack", "flash_attn")
+                                  if spec.get(k) is not None})
     t0 = time.perf_counter()
     llm, summary = open_model(spec["gguf"], settings)
-    out: dict[str, Any] = {"load_s": round(time.perf_counter() - t0, 1), "summary": summary, "prompts": {}}
+    out: dict[str, Any] = {"load_s": round(time.perf_counter() - t0, 1), "summary": summary, "prompts": {},
+                           "n_threads": llm.n_threads, "n_threads_batch": llm.context_params.n_threads_batch}
 
     def timed(tokens: list[int]) -> float:
         t = time.perf_counter()

@@ -6,6 +6,9 @@
 #   scripts/gpu-run.sh bench [options...]   # bench/gpu.py --out "$OUT" [options...]
 #   scripts/gpu-run.sh all [options...]     # both
 #   scripts/gpu-run.sh test                 # the GPU cases of the loader tests (pytest)
+#   scripts/gpu-run.sh deps                 # only the pure-Python wheels and the project (seconds)
+#   scripts/gpu-run.sh levers [options...]  # bench/gpu_levers.py --out "$OUT" [options...]: speed levers
+#   scripts/gpu-run.sh loadcheck [args...]  # scripts/load_check.py: which placement/mmap/repack loads crash
 #
 # Results go to $OUT (default .offline-bundle/out): gpu-bench.json, gpu-bench.md, plus the server logs.
 # Installs into the active virtual environment, or else into .venv (created with
@@ -39,12 +42,23 @@ pick_python() {
     fi
 }
 
-install() {
-    [ -f "$DEV/llama_cpp_python-$LLAMA_VERSION.tar.gz" ] || fail "$DEV is missing; run scripts/gpu-prepare.sh on a machine with network"
+deps() {
+    [ -f "$DEV/requirements.txt" ] || fail "$DEV is missing; run scripts/gpu-prepare.sh on a machine with network"
     local py
     py=$(pick_python)
     echo "gpu-run: installing into $("$py" -c 'import sys; print(sys.prefix)') ($("$py" --version))"
     "$py" -m pip --version >/dev/null || fail "no pip for $(python3 --version)"
+    "$py" -m pip install --quiet --no-index --find-links "$DEV/wheels" -r "$DEV/requirements.txt"
+    # The project itself; the benchmarks run it from this tree (python -m) either way.
+    "$py" -m pip install --quiet --no-index --find-links "$DEV/wheels" --no-deps --no-build-isolation . \
+        || echo "gpu-run: warning: installing the project failed; running it from the source tree" >&2
+}
+
+install() {
+    [ -f "$DEV/llama_cpp_python-$LLAMA_VERSION.tar.gz" ] || fail "$DEV is missing; run scripts/gpu-prepare.sh on a machine with network"
+    deps
+    local py
+    py=$(pick_python)
     if "$py" -c 'import llama_cpp, sys; sys.exit(0 if llama_cpp.llama_supports_gpu_offload() else 1)' 2>/dev/null; then
         echo "gpu-run: llama-cpp-python with GPU offload is already installed"
     else
@@ -56,10 +70,6 @@ install() {
             "$py" -m pip install --no-build-isolation --no-deps --no-index --force-reinstall \
             "$DEV/llama_cpp_python-$LLAMA_VERSION.tar.gz"
     fi
-    "$py" -m pip install --quiet --no-index --find-links "$DEV/wheels" -r "$DEV/requirements.txt"
-    # The project itself; the benchmark runs it from this tree (python -m) either way.
-    "$py" -m pip install --quiet --no-index --find-links "$DEV/wheels" --no-deps --no-build-isolation . \
-        || echo "gpu-run: warning: installing the project failed; running it from the source tree" >&2
     "$py" -c 'import llama_cpp; assert llama_cpp.llama_supports_gpu_offload(), "no GPU offload"; print("gpu-run: llama.cpp GPU offload: yes")'
 }
 
@@ -76,13 +86,23 @@ run_tests() {
     local py
     py=$(pick_python)
     mkdir -p "$OUT"
-    "$py" -m pytest -q -rs tests/server/test_loader.py tests/server/test_placement.py "$@" 2>&1 | tee "$OUT/pytest-gpu.txt"
+    "$py" -X faulthandler -m pytest -q -rs tests/server/test_loader.py tests/server/test_placement.py "$@" 2>&1 | tee "$OUT/pytest-gpu.txt"
+}
+
+levers() {
+    local py
+    py=$(pick_python)
+    mkdir -p "$OUT"
+    "$py" bench/gpu_levers.py --out "$OUT" --work build/gpu-bench "$@"
 }
 
 case "$phase" in
+    deps) deps ;;
+    levers) levers "$@" ;;
+    loadcheck) "$(pick_python)" scripts/load_check.py "$@" ;;
     install) install ;;
     bench) bench "$@" ;;
     test) run_tests "$@" ;;
     all) install && bench "$@" ;;
-    *) fail "usage: $0 [install|bench|all|test] [options...]" ;;
+    *) fail "usage: $0 [install|deps|bench|levers|loadcheck|all|test] [options...]" ;;
 esac

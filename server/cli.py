@@ -25,7 +25,7 @@ DEFAULT = {name: field.default for name, field in Settings.model_fields.items()}
 FLAG_FIELDS = (
     "host", "port", "gpu_layers", "cpu_moe_layers", "ctx_size", "threads", "batch", "alias",
     "api_key", "max_queue", "max_body_bytes", "log_level", "cache_dir", "cache_ram",
-    "vram_budget",
+    "vram_budget", "threads_batch", "ubatch", "mmap", "repack", "flash_attn",
 )
 
 
@@ -49,7 +49,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpu-moe-layers", type=int, metavar="N", help="keep routed experts of the first N layers in RAM")
     p.add_argument("--ctx-size", type=int, metavar="N", help=f"context length in tokens, 0 for the model's own (default {DEFAULT['ctx_size']})")
     p.add_argument("--threads", type=int, metavar="N", help="CPU threads (default: llama.cpp's choice)")
+    p.add_argument("--threads-batch", type=int, metavar="N", help="CPU threads for prompts (default: as --threads)")
     p.add_argument("--batch", type=int, metavar="N", help=f"prompt tokens per evaluation step (default {DEFAULT['batch']})")
+    p.add_argument("--ubatch", type=int, metavar="N",
+                   help=f"tokens per compute pass within a step (default {DEFAULT['ubatch']})")
+    p.add_argument("--mmap", action=argparse.BooleanOptionalAction,
+                   help="map the file instead of loading it (default: no mmap when routed experts stay in RAM "
+                   "beside a GPU, so they land in pinned memory)")
+    p.add_argument("--repack", action=argparse.BooleanOptionalAction,
+                   help="let llama.cpp repack weights in RAM into its faster CPU layouts (default on)")
+    p.add_argument("--flash-attn", action=argparse.BooleanOptionalAction, help="flash attention (default: llama.cpp's)")
     p.add_argument("--cache-ram", metavar="SIZE",
                    help="RAM for prompt checkpoints of hybrid/recurrent models, e.g. 2GiB; 0 turns them off "
                         f"(default {DEFAULT['cache_ram'] >> 30}GiB)")

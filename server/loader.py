@@ -201,11 +201,12 @@ def build_overrides(patterns: tuple[str, ...]) -> tuple[Any, list[bytes]] | None
 
 
 @contextlib.contextmanager
-def _model_params_with(overrides: Any) -> Iterator[None]:
-    """Let `Llama.__init__` start from default model parameters that carry our override array.
+def _model_params_with(overrides: Any, repack: bool = True) -> Iterator[None]:
+    """Let `Llama.__init__` start from default model parameters that carry our override array (and
+    `use_extra_bufts`, llama.cpp's switch for its repacked CPU buffer types).
 
-    `Llama` has no parameter for tensor_buft_overrides and loads the model inside its constructor,
-    so for the duration of that call its parameter factory returns defaults with the field set.
+    `Llama` has no parameter for either and loads the model inside its constructor, so for the
+    duration of that call its parameter factory returns defaults with the fields set.
     """
     module = llama_cpp.llama_cpp
     original = module.llama_model_default_params
@@ -213,6 +214,7 @@ def _model_params_with(overrides: Any) -> Iterator[None]:
     def with_overrides() -> Any:
         params = original()
         params.tensor_buft_overrides = ctypes.cast(overrides, ctypes.c_void_p) if overrides is not None else None
+        params.use_extra_bufts = repack
         return params
 
     with _PARAMS_LOCK:
@@ -250,9 +252,11 @@ def llama_arguments(settings: Any, plan: PlacementPlan, mmap: bool) -> dict[str,
         "verbose": bool(getattr(settings, "verbose", False)),
     }
     threads = _int_setting(settings, "threads", None, 1, MAX_THREADS)
+    threads_batch = _int_setting(settings, "threads_batch", None, 1, MAX_THREADS) or threads
     if threads is not None:
         kwargs["n_threads"] = threads
-        kwargs["n_threads_batch"] = threads
+    if threads_batch is not None:
+        kwargs["n_threads_batch"] = threads_batch
     flash_attn = getattr(settings, "flash_attn", None)
     if flash_attn is not None:
         kwargs["flash_attn"] = bool(flash_attn)
@@ -271,11 +275,12 @@ def choose_mmap(settings: Any, plan: PlacementPlan) -> bool:
 class PlacedLlama(llama_cpp.Llama):
     """A Llama loaded with tensor-buffer overrides; it owns the override array llama.cpp points into."""
 
-    def __init__(self, model_path: str, *, cpu_patterns: tuple[str, ...] = (), **kwargs: Any) -> None:
+    def __init__(self, model_path: str, *, cpu_patterns: tuple[str, ...] = (), repack: bool = True,
+                 **kwargs: Any) -> None:
         # Set before loading: the native loader reads the array during __init__, the model keeps it.
         self.placement_overrides = build_overrides(cpu_patterns)
         array = self.placement_overrides[0] if self.placement_overrides else None
-        with _model_params_with(array):
+        with _model_params_with(array, repack):
             super().__init__(model_path, **kwargs)
 
 
@@ -294,11 +299,12 @@ def open_model(path: str, settings: Any, **llama_kwargs: Any) -> tuple[llama_cpp
     if warning:
         log.warning("%s", warning)
     mmap = choose_mmap(settings, plan)
+    repack = bool(getattr(settings, "repack", True))
     kwargs = llama_arguments(settings, plan, mmap) | llama_kwargs
     log.info("loading %s\n%s", path, plan.render())
     with capture_llama_log() as chunks:
         try:
-            model = PlacedLlama(str(path), cpu_patterns=plan.overrides, **kwargs)
+            model = PlacedLlama(str(path), cpu_patterns=plan.overrides, repack=repack, **kwargs)
         except ValueError as exc:
             raise ModelLoadError(f"llama.cpp could not load {path}: {exc}") from exc
     text = "".join(chunks)
@@ -313,6 +319,7 @@ def open_model(path: str, settings: Any, **llama_kwargs: Any) -> tuple[llama_cpp
         "overrides": list(plan.overrides),
         "overridden_tensors": len(OVERRIDE_LINE.findall(text)),
         "mmap": mmap,
+        "repack": repack,
         "ctx_size": plan.ctx_size,
         "gpu_bytes": plan.gpu_bytes,
         "cpu_bytes": plan.cpu_bytes,

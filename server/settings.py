@@ -54,10 +54,14 @@ class Settings(BaseSettings):
     cpu_moe_layers: int = Field(0, ge=0)  # keep routed experts of the first N layers on the CPU
     ctx_size: int = Field(32768, ge=0, le=1 << 22)  # tokens of context; 0 uses the model's trained length
     threads: int | None = Field(None, ge=1, le=1024)  # decode threads; None lets llama.cpp choose
+    threads_batch: int | None = Field(None, ge=1, le=1024)  # prompt threads; None: as --threads, else llama.cpp's
     batch: int = Field(2048, ge=1, le=65536)  # prompt tokens per llama_decode call (llama.cpp's n_batch)
     ubatch: int = Field(512, ge=1, le=65536)  # tokens per compute pass within a batch (n_ubatch)
     flash_attn: bool | None = None  # None leaves llama.cpp's default
     mmap: bool | None = None  # None: the loader decides (no mmap when experts stay in RAM beside a GPU)
+    # llama.cpp's repacked CPU layouts (CPU_REPACK, AMX) for the weights in RAM; False keeps the file's
+    # layout (a way out on CPUs whose repacked kernels fault)
+    repack: bool = True
     verbose: bool = False  # pass llama.cpp's own log through
     seed: int = Field(0xFFFFFFFF, ge=0, le=0xFFFFFFFF)  # sampling seed when a request has none; max = random
     # RAM for prompt checkpoints of models with a recurrent state (e.g. "4GiB"); 0 turns the cache off.

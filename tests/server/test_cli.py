@@ -34,6 +34,14 @@ def test_flags_map_onto_settings(tmp_path: Path) -> None:
     assert not s.loopback_only
 
 
+def test_speed_flags_map_onto_settings(tmp_path: Path) -> None:
+    s = settings_for([str(tmp_path / "m.gguf"), "--threads-batch", "16", "--ubatch", "2048", "--no-mmap",
+                      "--no-repack", "--flash-attn"])
+    assert (s.threads_batch, s.ubatch, s.mmap, s.repack, s.flash_attn) == (16, 2048, False, False, True)
+    s = settings_for([str(tmp_path / "m.gguf")])
+    assert (s.threads_batch, s.mmap, s.repack, s.flash_attn) == (None, None, True, None)
+
+
 def test_defaults_are_safe_and_env_fills_what_flags_leave_out(monkeypatch: pytest.MonkeyPatch) -> None:
     s = settings_for([])
     assert s.model is None and s.host == "127.0.0.1" and s.loopback_only and s.api_key is None and s.cors_origins == []

@@ -80,6 +80,24 @@ def test_logged_buffers_match_the_plan(tiny_gguf, mmap):
     assert llama.tokenize(b"def f():") and llama.create_completion("def f():", max_tokens=4)["choices"]
 
 
+def test_repack_off_keeps_the_files_layout(tiny_gguf):
+    llama, summary = open_model(str(tiny_gguf), settings(gpu_layers="none", mmap=False, repack=False))
+    assert summary["repack"] is False
+    assert not {"CPU_REPACK", "AMX"} & set(summary["buffers"]["model"])
+    assert llama.create_completion("def f():", max_tokens=2)["choices"]
+
+
+def test_threads_batch_defaults_to_threads():
+    plan = SimpleNamespace(n_gpu_layers=0, ctx_size=512)
+    kwargs = loader.llama_arguments(settings(threads=3), plan, mmap=True)
+    assert (kwargs["n_threads"], kwargs["n_threads_batch"]) == (3, 3)
+    kwargs = loader.llama_arguments(settings(threads=3, threads_batch=5), plan, mmap=True)
+    assert (kwargs["n_threads"], kwargs["n_threads_batch"]) == (3, 5)
+    assert "n_threads" not in loader.llama_arguments(settings(threads=None), plan, mmap=True)
+    with pytest.raises(PlacementError):
+        loader.llama_arguments(settings(threads_batch=0), plan, mmap=True)
+
+
 def test_compare_buffers_finds_a_mismatch():
     plan = {"tensors": [{"device": "gpu"}, {"device": "cpu"}],
             "weights": {"gpu": {"total": 100 * MiB}, "cpu": {"total": 50 * MiB}},

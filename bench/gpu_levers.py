@@ -1,0 +1,211 @@
+"""Speed levers for `--gpu-layers attn`: each one changed alone against the server's defaults, in one run.
+
+Re-run on any machine with an NVIDIA GPU and llama-cpp-python built with CUDA (scripts/gpu-run.sh
+installs it offline), from the repository root:
+
+    python bench/gpu_levers.py --out results/                 # 4 layers of Qwen3-Coder-Next's shapes
+    python bench/gpu_levers.py --out results/ --phase build   # only write the GGUFs (one per expert type)
+    python bench/gpu_levers.py --out dry/ --shape tiny --types iq4_xs --prompts 64 256 --decode 16
+
+What it does:
+  1. one synthetic checkpoint with Qwen3-Coder-Next's layer shapes (quantizer.synthetic), built by
+     coder-quant once per routed-expert type (`--types`; IQ4_XS is the default recipe; Q4_K and IQ4_NL
+     have repacked CPU layouts in llama.cpp on AVX2 machines);
+  2. the host's memory read bandwidth (numpy, one slice per thread) and from it the decode bound:
+     bandwidth / routed-expert bytes read per token (top-k experts x 3 matrices x every layer);
+  3. for each variant a fresh process loads the GGUF through server.loader with `attn` placement and
+     times llama_decode for prompts and token-by-token decode (bench/gpu.py's raw measurement). The
+     baseline is the server's defaults; every other variant changes one thing. The baseline runs first
+     and last, so the spread between its two runs shows the noise.
+Writes levers.json and levers.md into --out after every variant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import gpu  # noqa: E402  (bench/gpu.py: helpers shared with the placement benchmark)
+
+ROOT = gpu.ROOT
+RECIPE_RULES = {"iq4_xs": [], "q4_k": ["--recipe", "attn-bf16-q4k"], "iq4_nl": ["--rule", "class:routed_expert=iq4_nl"]}
+
+
+def build_models(args: argparse.Namespace) -> dict[str, Path]:
+    from quantizer.synthetic import write_checkpoint
+
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    hf = work / f"hf-{args.shape}-L{args.layers}"
+    out = {}
+    for qtype in args.types:
+        gguf_path = work / f"{args.shape}-L{args.layers}-{qtype}.gguf"
+        if qtype == "iq4_xs" and not gguf_path.exists() and (work / f"{args.shape}-L{args.layers}.gguf").exists():
+            gguf_path = work / f"{args.shape}-L{args.layers}.gguf"  # the placement benchmark's build
+        if not gguf_path.exists():
+            if not (hf / "config.json").exists():
+                gpu.log(f"writing synthetic checkpoint {hf}")
+                write_checkpoint(hf, preset=args.shape, layers=args.layers)
+            gpu.log(f"building {gguf_path}")
+            t0 = time.perf_counter()
+            subprocess.run([sys.executable, "-m", "quantizer.cli", "build", str(hf), str(gguf_path), "--quiet",
+                            *RECIPE_RULES[qtype]], cwd=ROOT, env=gpu.child_env(), check=True)
+            gpu.log(f"built in {time.perf_counter() - t0:.0f} s")
+        out[qtype] = gguf_path
+    return out
+
+
+def read_bandwidth(gib: float = 4.0, threads: int | None = None, repeats: int = 3) -> float:
+    """Bytes per second that `threads` threads read from RAM, each summing its own slice (numpy
+    releases the GIL in the reduction). The best of `repeats`."""
+    threads = threads or os.cpu_count() or 1
+    data = np.ones(int(gib * (1 << 30)) // 4, dtype=np.float32)
+    slices = np.array_split(data, threads)
+    best = 0.0
+    for _ in range(repeats):
+        workers = [threading.Thread(target=np.sum, args=(s,)) for s in slices]
+        t0 = time.perf_counter()
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        best = max(best, data.nbytes / (time.perf_counter() - t0))
+    return best
+
+
+def expert_bytes_per_token(gguf_path: Path) -> int:
+    """Routed-expert bytes one decoded token reads: per layer, n_expert_used of n_expert experts of
+    each stacked *_exps tensor."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(gguf_path)
+    arch = str(bytes(reader.get_field("general.architecture").parts[-1]), "utf-8")
+
+    def scalar(key: str) -> int:
+        return int(reader.get_field(f"{arch}.{key}").parts[-1][0])
+
+    n_expert, used = scalar("expert_count"), scalar("expert_used_count")
+    total = sum(int(t.n_bytes) for t in reader.tensors if t.name.endswith("_exps.weight"))
+    return total * used // n_expert
+
+
+def variants(args: argparse.Namespace) -> list[dict[str, Any]]:
+    base = {"type": "iq4_xs"}
+    out = [{"label": "baseline (server defaults)", **base}]
+    out += [{"label": f"threads {n}", **base, "threads": n} for n in args.threads]
+    out += [{"label": f"ubatch {n}", **base, "ubatch": n} for n in args.ubatch]
+    out += [{"label": "mmap", **base, "mmap": True},
+            {"label": "no pinned host memory", **base, "env": {"GGML_CUDA_NO_PINNED": "1"}},
+            {"label": "flash attention off", **base, "flash_attn": False}]
+    for qtype in args.types:
+        if qtype != "iq4_xs":
+            out += [{"label": f"{qtype}", "type": qtype}, {"label": f"{qtype}, no repack", "type": qtype, "repack": False}]
+    out.append({"label": "baseline again", **base})
+    return out
+
+
+def measure(args: argparse.Namespace, gguf_path: Path, variant: dict[str, Any], vocab: int) -> dict[str, Any]:
+    spec = {"gguf": str(gguf_path), "gpu_layers": "attn", "cpu_moe_layers": None, "ctx_size": args.ctx_size,
+            "threads": variant.get("threads"), "batch": max(args.batch, variant.get("ubatch", 0)), "vocab": vocab,
+            "prompts": args.prompts, "decode": args.decode, "repeat": args.repeat,
+            **{k: variant[k] for k in ("ubatch", "mmap", "repack", "flash_attn") if k in variant}}
+    env = gpu.child_env() | variant.get("env", {})
+    cmd = [sys.executable, str(ROOT / "bench" / "gpu.py"), "--raw", json.dumps(spec)]
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=args.load_timeout + 600)
+    if done.returncode != 0:
+        raise RuntimeError(f"exit {done.returncode}: {done.stderr[-1500:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def markdown(report: dict[str, Any]) -> str:
+    p0, p1 = (str(p) for p in (report["settings"]["prompts"][0], report["settings"]["prompts"][-1]))
+    base = next((r for r in report["results"] if "raw" in r), None)
+    lines = [f"# Speed levers, `--gpu-layers attn` ({report['shape']}, {report['layers']} layers)", "",
+             f"Machine: {json.dumps(report['machine'])}",
+             f"Read bandwidth: {report['bandwidth_gb_s']:.1f} GB/s ({report['bandwidth_threads']} threads, numpy)", "",
+             "| variant | threads (decode/batch) | pp" + p0 + " tok/s | pp" + p1 + " tok/s | decode tok/s "
+             "| decode / baseline | decode / bound | CPU buffers |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in report["results"]:
+        if "raw" not in r:
+            lines.append(f"| {r['label']} | error: {r.get('error', '')[:100]} |||||||")
+            continue
+        raw, bound = r["raw"], r["bound_tok_s"]
+        dec = raw.get("decode_tok_s")
+        cpu_bufs = ", ".join(f"{k} {v / gpu.MiB:.0f} MiB" for k, v in raw["summary"]["buffers"].get("model", {}).items()
+                             if not k.startswith("CUDA") or k == "CUDA_Host")
+        lines.append(
+            f"| {r['label']} | {raw.get('n_threads')}/{raw.get('n_threads_batch')} "
+            f"| {gpu.fmt(raw['prompts'][p0]['prompt_tok_s'])} | {gpu.fmt(raw['prompts'].get(p1, {}).get('prompt_tok_s'))} "
+            f"| {gpu.fmt(dec)} | {gpu.ratio(dec, base['raw'].get('decode_tok_s'))} "
+            f"| {(dec / bound * 100) if dec else 0:.0f} % of {bound:.0f} | {cpu_bufs} |")
+    lines += ["", "Bound = read bandwidth / routed-expert bytes per decoded token (that type's file). "
+              "Raw llama_decode timings in a fresh process per variant; medians of the repeats.", ""]
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", required=True, help="folder for levers.json and levers.md")
+    p.add_argument("--work", default=str(ROOT / "build" / "gpu-bench"), help="checkpoint and GGUFs")
+    p.add_argument("--phase", choices=("build", "measure", "all"), default="all")
+    p.add_argument("--shape", default="coder-next")
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--types", nargs="+", default=["iq4_xs", "q4_k", "iq4_nl"], choices=sorted(RECIPE_RULES))
+    p.add_argument("--threads", nargs="*", type=int, default=[4, 12, 16], help="decode thread counts to try")
+    p.add_argument("--ubatch", nargs="*", type=int, default=[1024, 2048, 4096], help="ubatch sizes to try")
+    p.add_argument("--only", nargs="*", default=None, help="run only variants whose label starts with one of these")
+    p.add_argument("--prompts", nargs="+", type=int, default=[512, 4096])
+    p.add_argument("--decode", type=int, default=128)
+    p.add_argument("--repeat", type=int, default=2)
+    p.add_argument("--ctx-size", type=int, default=8192)
+    p.add_argument("--batch", type=int, default=2048)
+    p.add_argument("--load-timeout", type=float, default=600)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    models = build_models(args)
+    if args.phase == "build":
+        return 0
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    bandwidth = read_bandwidth()
+    report: dict[str, Any] = {"machine": gpu.machine(), "shape": args.shape, "layers": args.layers,
+                              "bandwidth_gb_s": bandwidth / 1e9, "bandwidth_threads": os.cpu_count(),
+                              "settings": {k: getattr(args, k) for k in ("prompts", "decode", "repeat", "ctx_size", "batch")},
+                              "models": {k: {"path": str(v), "bytes": v.stat().st_size,
+                                             "expert_bytes_per_token": expert_bytes_per_token(v)} for k, v in models.items()},
+                              "results": []}
+    vocab = gpu.tokenizer_size(next(iter(models.values())))
+    chosen = [v for v in variants(args) if v["type"] in models
+              and (args.only is None or any(v["label"].startswith(o) for o in args.only))]
+    for variant in chosen:
+        gpu.log(f"variant {variant['label']}")
+        result: dict[str, Any] = {"label": variant["label"], "variant": variant,
+                                  "bound_tok_s": bandwidth / report["models"][variant["type"]]["expert_bytes_per_token"]}
+        try:
+            result["raw"] = measure(args, models[variant["type"]], variant, vocab)
+        except (RuntimeError, OSError, subprocess.SubprocessError, ValueError) as exc:
+            result["error"] = f"{type(exc).__name__}: {exc}"
+            gpu.log(result["error"])
+        report["results"].append(result)
+        (out / "levers.json").write_text(json.dumps(report, indent=2) + "\n")
+        (out / "levers.md").write_text(markdown(report))
+    gpu.log(f"wrote {out / 'levers.md'}")
+    return 0 if all("error" not in r for r in report["results"]) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
