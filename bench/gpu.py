@@ -169,6 +169,7 @@ def stream_completion(port: int, model: str, prompt: list[int], max_tokens: int)
             chunks += 1
         usage = event.get("usage") or usage
     conn.close()
+    t_end = time.perf_counter()
     if t_first is None:
         raise RuntimeError("the stream carried no tokens")
     completion = int(usage.get("completion_tokens", chunks))
@@ -177,8 +178,11 @@ def stream_completion(port: int, model: str, prompt: list[int], max_tokens: int)
         "prompt_tokens": int(usage.get("prompt_tokens", len(prompt))),
         "completion_tokens": completion,
         "ttft_s": ttft,
+        "total_s": t_end - t_send,
         "prompt_tok_s": len(prompt) / ttft,
-        "decode_tok_s": (completion - 1) / (t_last - t_first) if completion > 1 and t_last > t_first else None,
+        # from chunk arrival times: text the server holds back (an incomplete UTF-8 sequence, a possible
+        # stop string) arrives late and skews this; decode_tok_s in measure_http does not depend on it
+        "chunk_tok_s": (completion - 1) / (t_last - t_first) if completion > 1 and t_last > t_first else None,
     }
 
 
@@ -232,10 +236,21 @@ def measure_http(args: argparse.Namespace, gguf: Path, case: dict[str, Any], voc
                 runs = []
                 for _ in range(args.repeat):
                     seed += 1
-                    max_tokens = args.decode if n == args.prompts[0] else 2
-                    runs.append(stream_completion(port, model_id, prompt_ids(n, vocab, seed), max_tokens))
-                out["prompts"][str(n)] = {k: median_of(runs, k) for k in ("ttft_s", "prompt_tok_s", "decode_tok_s")}
-            out["decode_tok_s"] = out["prompts"][str(args.prompts[0])]["decode_tok_s"]
+                    # one token: its text is sent when the request ends, so the first chunk marks the
+                    # first token even where a random model's text would be held back as incomplete UTF-8
+                    runs.append(stream_completion(port, model_id, prompt_ids(n, vocab, seed), 1))
+                out["prompts"][str(n)] = {k: median_of(runs, k) for k in ("ttft_s", "prompt_tok_s")}
+            # Decode speed from whole-request times: a request for `decode` tokens against one for a single
+            # token with a prompt of the same length; no chunk timing involved.
+            n0, long_runs, short_runs = args.prompts[0], [], []
+            for _ in range(args.repeat):
+                seed += 2
+                long_runs.append(stream_completion(port, model_id, prompt_ids(n0, vocab, seed), args.decode))
+                short_runs.append(stream_completion(port, model_id, prompt_ids(n0, vocab, seed + 1), 1))
+            extra = statistics.median(r["total_s"] for r in long_runs) - statistics.median(r["total_s"] for r in short_runs)
+            generated = statistics.median(r["completion_tokens"] for r in long_runs)
+            out["decode_tok_s"] = (generated - 1) / extra if extra > 0 else None
+            out["chunk_tok_s"] = median_of(long_runs, "chunk_tok_s")
             out["gpu_mib_smi"] = gpu_mib_of(proc.pid)
             out["rss_mib"] = rss_mib(proc.pid)
             out["placement"] = health.get("placement", {})
@@ -250,8 +265,11 @@ def measure_http(args: argparse.Namespace, gguf: Path, case: dict[str, Any], voc
 
 
 def common_flags(args: argparse.Namespace) -> list[str]:
-    flags = ["--ctx-size", str(args.ctx_size), "--batch", str(args.batch)]
-    return flags + (["--threads", str(args.threads)] if args.threads else [])
+    flags = ["--ctx-size", str(args.ctx_size)]
+    for name in ("batch", "ubatch", "threads"):  # left out: the server's defaults
+        if getattr(args, name):
+            flags += [f"--{name}", str(getattr(args, name))]
+    return flags
 
 
 # --- step 2c: raw llama.cpp in a fresh process --------------------------------------------------
@@ -300,7 +318,7 @@ def raw_main(spec: dict[str, Any]) -> dict[str, Any]:
 
 def measure_raw(args: argparse.Namespace, gguf: Path, case: dict[str, Any], vocab: int) -> dict[str, Any]:
     spec = {"gguf": str(gguf), "gpu_layers": case["gpu_layers"], "cpu_moe_layers": case["cpu_moe_layers"],
-            "ctx_size": args.ctx_size, "threads": args.threads, "batch": args.batch, "vocab": vocab,
+            "ctx_size": args.ctx_size, "threads": args.threads, "batch": args.batch, "ubatch": args.ubatch, "vocab": vocab,
             "prompts": args.prompts, "decode": args.decode, "repeat": args.repeat}
     return run_json([sys.executable, str(Path(__file__).resolve()), "--raw", json.dumps(spec)], args.load_timeout + 600)
 
@@ -384,7 +402,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--decode", type=int, default=128, help="tokens generated after the first prompt")
     p.add_argument("--repeat", type=int, default=2)
     p.add_argument("--ctx-size", type=int, default=8192)
-    p.add_argument("--batch", type=int, default=2048)
+    p.add_argument("--batch", type=int, default=None, help="default: the server's")
+    p.add_argument("--ubatch", type=int, default=None, help="default: the server's")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--load-timeout", type=float, default=900)
     p.add_argument("--raw", help=argparse.SUPPRESS)  # internal: one raw measurement, JSON spec

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from quantizer import arch as arch_registry
+from quantizer.equalize import EQUALIZE_METHOD, Equalizer
 from quantizer.errors import QuantError
 from quantizer.imatrix import check_against, load_imatrix
 from quantizer.plan import Plan, make_plan
@@ -58,11 +59,17 @@ def build_gguf(
     threads: int = 1,
     force: bool = False,
     progress: ProgressFn | None = None,
+    equalize: bool = False,
 ) -> BuildResult:
-    """Convert (and selectively quantize) a Hugging Face checkpoint folder into one GGUF file."""
+    """Convert (and selectively quantize) a Hugging Face checkpoint folder into one GGUF file.
+
+    `equalize` rescales routed up/down channels before quantizing them (quantizer.equalize); it needs
+    the importance matrix, and leaves every other tensor as it would be."""
     out = Path(out)
     if out.exists() and not force:
         raise QuantError(f"{out} exists (use --force to overwrite)")
+    if equalize and imatrix is None:
+        raise QuantError("--equalize needs --imatrix: the channel scales come from the importance matrix")
     chosen = get_recipe(recipe, tuple(rules))
     checkpoint = open_checkpoint(source)
     module = arch_registry.get_arch(checkpoint.config)
@@ -71,6 +78,13 @@ def build_gguf(
     vocab = load_vocab(checkpoint.path, module.hparams(checkpoint.config))
     weights = check_against(load_imatrix(imatrix), specs) if imatrix is not None else None
     plan = make_plan(specs, chosen)
+    equalizer = None
+    if equalize and weights is not None:  # (checked above: equalize comes with an imatrix)
+        equalizer = Equalizer(plan.entries, weights.entries, weights.present,
+                              lambda spec: module.tensor_f32(checkpoint, spec), threads)  # fmt: skip
+        if not equalizer.layers:
+            raise QuantError("--equalize: no layer has its routed ffn_up_exps and ffn_down_exps quantized "
+                             "with importance data for ffn_down_exps")  # fmt: skip
     logger.info("plan: %d tensors, %d bytes of tensor data (recipe %s)", len(plan.entries), plan.tensor_bytes, chosen.name)
     provenance = Provenance(
         recipe=chosen.name,
@@ -78,11 +92,13 @@ def build_gguf(
         sources=tuple(checkpoint.digests(progress)),
         imatrix_file=Path(weights.path).name if weights is not None else None,
         imatrix_sha256=weights.sha256 if weights is not None else None,
+        equalize=EQUALIZE_METHOD if equalizer is not None else None,
+        equalize_layers=equalizer.layers if equalizer is not None else (),
     )
     try:
         written = write_gguf(out, checkpoint, module, plan.entries, vocab, provenance,
                              imatrix=weights.entries if weights is not None else None,
-                             threads=threads, force=force, progress=progress)
+                             threads=threads, force=force, progress=progress, equalizer=equalizer)
     finally:
         checkpoint.close()
     return BuildResult(plan, written)

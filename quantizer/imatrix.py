@@ -47,6 +47,8 @@ class Imatrix:
     chunk_count: int
     chunk_size: int = 0
     legacy: bool = False
+    # per stacked-expert entry, which experts saw data (GGUF files only: the legacy format has no counts)
+    present: Mapping[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
 
 def _sha256(path: Path) -> str:
@@ -97,6 +99,7 @@ def _load_gguf(path: Path) -> Imatrix:
         # llama-quantize refuses such a file too
         raise ImatrixError(f"{path}: missing imatrix metadata ({KEY_DATASETS}, {KEY_CHUNK_COUNT}, {KEY_CHUNK_SIZE})")
     entries = {name: _mean(name, sums[name], counts[name]) for name in sorted(sums)}
+    present = {name: np.floor(c.astype(np.float64) + 0.5) > 0 for name, c in counts.items() if c.size > 1}
     return Imatrix(
         path=str(path),
         sha256=_sha256(path),
@@ -104,6 +107,7 @@ def _load_gguf(path: Path) -> Imatrix:
         datasets=tuple(_field(reader, KEY_DATASETS)),
         chunk_count=int(_field(reader, KEY_CHUNK_COUNT)),
         chunk_size=int(_field(reader, KEY_CHUNK_SIZE) or 0),
+        present=present,
     )
 
 

@@ -69,6 +69,15 @@ _KEEP_ALL = Rule(r".", KEEP, "keep source precision")
 _DOWN_EXPS = r"\.ffn_down_exps\."
 
 
+def _no_bf16(qtype: str) -> tuple[Rule, ...]:
+    """Routed experts IQ4_XS and the matrices the GPU holds under `attn` in `qtype`, for GPUs without
+    fast BF16 math (CUDA compute capability below 8.0). Not bit-for-bit any more; norms, the router and
+    the SSM conv kernel stay as they are (PROTECTED)."""
+    kept = tuple(Rule(f"class:{c}", qtype, f"{c} -> {qtype} (no fast BF16 on the GPU)")
+                 for c in ("attention", "ssm", "shared_expert", "output"))
+    return (Rule("class:routed_expert", "iq4_xs", "routed experts -> iq4_xs"), *kept, _KEEP_ALL)
+
+
 def _experts(gate_up: str, down: str | None = None) -> tuple[Rule, ...]:
     down_rules = (Rule(_DOWN_EXPS, down, f"routed ffn_down -> {down} (most sensitive)"),) if down else ()
     return (*down_rules, Rule("class:routed_expert", gate_up, f"routed experts -> {gate_up}"), _KEEP_ALL)
@@ -101,6 +110,10 @@ PRESETS: dict[str, Recipe] = {
         ),
         Recipe("attn-bf16-q4k", "routed experts Q4_K; everything else kept", _experts("q4_k")),
         Recipe("attn-bf16-q8", "routed experts Q8_0 (near lossless); everything else kept", _experts("q8_0")),
+        Recipe("attn-f16-iq4xs", "for GPUs before Ampere: routed experts IQ4_XS, the GPU's matrices F16 "
+               "(not bit-for-bit)", _no_bf16("f16")),
+        Recipe("attn-q8-iq4xs", "for GPUs before Ampere: routed experts IQ4_XS, the GPU's matrices Q8_0 "
+               "(not bit-for-bit)", _no_bf16("q8_0")),
     )
 }
 

@@ -7,6 +7,9 @@ spend the bytes where they buy the most.
 3. Allocation: one type per group with the lowest summed KLD that fits the bytes left for routed
    experts (an exact knapsack over the measured options). Group KLDs are assumed to add up, which
    they do roughly; the chosen recipe is then built and measured on the same text.
+4. Optionally, up/down equalization (quantizer.equalize): it changes no byte count and needs a
+   layer's up and down both quantized, so it cannot be priced per group. The chosen recipe is measured
+   with it too, and it is proposed when that measures lower by more than one standard error.
 Attention, SSM, shared-expert, embedding and output tensors are kept as the source has them.
 """
 
@@ -27,9 +30,10 @@ from gguf import GGUF_DEFAULT_ALIGNMENT
 
 from quantizer import ggml
 from quantizer.build import build_gguf, checkpoint_specs
+from quantizer.equalize import eligible_layers
 from quantizer.errors import QuantError
 from quantizer.evaluate import EvalResult, LlamaSession, score_against_cache, write_base_cache
-from quantizer.imatrix import write_imatrix_gguf
+from quantizer.imatrix import check_against, load_imatrix, write_imatrix_gguf
 from quantizer.imatrix_collect import collect_imatrix
 from quantizer.plan import make_plan
 from quantizer.recipes import KEEP, get_recipe
@@ -99,7 +103,9 @@ class Suggestion:
     split: Split
     options: tuple[Option, ...]
     uniform: tuple[str, float] | None  # best single type that fits, and its summed KLD
-    measured: EvalResult
+    measured: EvalResult  # the proposal: the rules, with up/down equalization when `equalize`
+    equalize: bool = False
+    other: EvalResult | None = None  # the same rules the other way (with or without equalization)
 
 
 def expert_groups(specs: Iterable[TensorSpec], granularity: Granularity) -> list[Group]:
@@ -243,10 +249,14 @@ class _Workspace:
         with LlamaSession(self.bf16, self.ctx) as session:
             write_base_cache(session, self.text, self.chunks, self.cache, self.base_sha)
 
-    def measure(self, rules: Sequence[str], name: str) -> EvalResult:
+    def can_equalize(self, specs: Sequence[TensorSpec], rules: Sequence[str]) -> bool:
+        entries = make_plan(specs, get_recipe("bf16", tuple(rules))).entries
+        return bool(eligible_layers(entries, check_against(load_imatrix(self.imatrix), specs).entries))
+
+    def measure(self, rules: Sequence[str], name: str, equalize: bool = False) -> EvalResult:
         out = self.folder / f"{name}.gguf"
         build_gguf(self.source, out, recipe="bf16", rules=tuple(rules), imatrix=self.imatrix,
-                   threads=self.threads, force=True)  # fmt: skip
+                   threads=self.threads, force=True, equalize=equalize)  # fmt: skip
         try:
             with LlamaSession(out, self.ctx) as session:
                 return score_against_cache(session, self.text, self.chunks, self.cache, self.base_sha)
@@ -268,8 +278,10 @@ def suggest(
     threads: int = 1,
     workdir: str | Path | None = None,
     progress: Callable[[str], None] | None = None,
+    try_equalize: bool = False,
 ) -> Suggestion:
-    """Measure per-group sensitivity on `text` and propose the expert types that fit the budgets."""
+    """Measure per-group sensitivity on `text` and propose the expert types that fit the budgets;
+    with `try_equalize`, also measure them with up/down equalization and propose it if clearly lower."""
     report = progress or (lambda msg: log.info("%s", msg))
     for t in types:
         if t != KEEP:
@@ -298,5 +310,11 @@ def suggest(
         allocation = allocate(options, split.expert_budget)
         rules = rules_for(groups, allocation)
         report("measuring the suggested recipe")
-        measured = ws.measure(rules, "suggested")
-    return Suggestion(rules, allocation, split, tuple(options), best_uniform(options, split.expert_budget), measured)
+        measured, other, equalize = ws.measure(rules, "suggested"), None, False
+        if try_equalize and ws.can_equalize(specs, rules):
+            report("measuring it with up/down equalization")
+            equalized = ws.measure(rules, "suggested-equalized", equalize=True)
+            equalize = equalized.kld_mean < measured.kld_mean - max(equalized.kld_mean_unc, measured.kld_mean_unc)
+            measured, other = (equalized, measured) if equalize else (measured, equalized)
+    uniform = best_uniform(options, split.expert_budget)
+    return Suggestion(rules, allocation, split, tuple(options), uniform, measured, equalize, other)

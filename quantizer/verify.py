@@ -4,7 +4,10 @@ Tensors stored in their reference type (what `convert_hf_to_gguf.py --outtype bf
 hold exactly the bytes the architecture module builds from the source. Other float types must be
 the exact conversion of those values. Quantized tensors are dequantized with ggml's own code and
 their error is measured relative to the values llama-quantize would have read (RMS of the error
-over RMS of the values). The sha256 sidecar, when present, must match the file.
+over RMS of the values). The sha256 sidecar, when present, must match the file. In layers whose
+routed up/down channels were equalized (`coder_quant.equalize.layers`), each row j of up_exps is
+compared after a least-squares fit of its scale s_j, and column j of down_exps after dividing by
+that same s_j: a down that does not undo its up's scaling fails.
 
 `verify_gguf` returns one record per tensor; problems are recorded, not raised, so the caller can
 show the whole table before `VerifyReport.raise_for_failures` names the first failing tensor.
@@ -15,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +37,7 @@ from quantizer.errors import VerifyError
 from quantizer.inspect import field_value, open_gguf
 from quantizer.source import Checkpoint, open_checkpoint
 from quantizer.spec import TensorSpec
-from quantizer.writer import sidecar_path
+from quantizer.writer import KEY_EQUALIZE_LAYERS, sidecar_path
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +49,7 @@ FLOAT_TYPES = frozenset({"f32", "bf16", "f16"})
 # A quantized tensor whose error is as large as its values holds garbage, whatever the type:
 # the lowest-bit types llama.cpp has stay well below this on real weights.
 DEFAULT_MAX_RELATIVE_RMS = 1.0
+_EQUALIZED = re.compile(r"^(blk\.\d+)\.ffn_(up|down)_exps\.weight$")
 
 
 @dataclass(frozen=True)
@@ -168,13 +173,33 @@ def squared_sums(values: np.ndarray, ref: np.ndarray, block: int = 1 << 20) -> t
     return err2, ref2
 
 
+def equalized_scales(checkpoint: Checkpoint, module: ModuleType, spec: TensorSpec, stored: str,
+                     data: np.ndarray) -> np.ndarray:
+    """Per expert and row of an equalized up_exps, the least-squares s_j with stored_j * s_j ~ source_j."""
+    n = len(spec.sources)
+    scales = np.ones(spec.shape[:2], dtype=np.float64)
+    for i, (raw, ref) in enumerate(zip(stored_slices(data, n), source_slices(checkpoint, module, spec, f32=True), strict=True)):
+        values = ggml.dequantize(raw, stored, spec.shape[1:]).astype(np.float64)
+        norm = (values * values).sum(axis=1)
+        scales[i] = np.where(norm > 0, (values * ref).sum(axis=1) / np.where(norm > 0, norm, 1.0), 1.0)
+    return scales
+
+
 def check_quantized(checkpoint: Checkpoint, module: ModuleType, spec: TensorSpec, stored: str, data: np.ndarray,
-                    max_relative_rms: float) -> TensorCheck:
+                    max_relative_rms: float, row_scales: np.ndarray | None = None,
+                    col_scales: np.ndarray | None = None) -> TensorCheck:
+    """Relative RMS error of the dequantized tensor; stacked experts' rows multiplied by `row_scales`
+    or columns divided by `col_scales` (n_expert, n) first, to undo an equalization."""
     n = len(spec.sources) if spec.transform == "stack" else 1
     slice_shape = spec.shape[1:] if spec.transform == "stack" else spec.shape
     err2 = ref2 = 0.0
-    for raw, ref in zip(stored_slices(data, n), source_slices(checkpoint, module, spec, f32=True), strict=True):
+    for i, (raw, ref) in enumerate(zip(stored_slices(data, n), source_slices(checkpoint, module, spec, f32=True),
+                                       strict=True)):  # fmt: skip
         values = ggml.dequantize(raw, stored, slice_shape)
+        if row_scales is not None:
+            values = values * row_scales[i][:, None]
+        if col_scales is not None:
+            values = values / col_scales[i][None, :]
         if not np.isfinite(values).all():
             return TensorCheck(spec.name, spec.tclass, stored, spec.base_type, "mismatch", float("nan"),
                                f"dequantized {stored} data holds NaN or infinity")
@@ -194,7 +219,8 @@ def tensor_bytes(reader: GGUFReader, tensor: ReaderTensor) -> np.ndarray:
 
 
 def check_tensor(checkpoint: Checkpoint, module: ModuleType, spec: TensorSpec, reader: GGUFReader,
-                 tensor: ReaderTensor | None, max_relative_rms: float) -> TensorCheck:
+                 tensor: ReaderTensor | None, max_relative_rms: float,
+                 scales: Callable[[str], np.ndarray | None] = lambda _layer: None) -> TensorCheck:
     if tensor is None:
         return TensorCheck(spec.name, spec.tclass, "-", spec.base_type, "mismatch", float("nan"), "missing from the GGUF")
     stored = tensor.tensor_type.name.lower()
@@ -203,7 +229,33 @@ def check_tensor(checkpoint: Checkpoint, module: ModuleType, spec: TensorSpec, r
                            f"shape {list(stored_shape(tensor, spec.shape))}, the source gives {list(spec.shape)}")
     if stored in FLOAT_TYPES:
         return check_exact(checkpoint, module, spec, stored, tensor_bytes(reader, tensor))
-    return check_quantized(checkpoint, module, spec, stored, tensor_bytes(reader, tensor), max_relative_rms)
+    m = _EQUALIZED.match(spec.name)
+    s = scales(m.group(1)) if m else None
+    row_scales, col_scales = (s, None) if m and m.group(2) == "up" else (None, s)
+    return check_quantized(checkpoint, module, spec, stored, tensor_bytes(reader, tensor), max_relative_rms,
+                           row_scales, col_scales)  # fmt: skip
+
+
+def _scale_finder(checkpoint: Checkpoint, module: ModuleType, reader: GGUFReader,
+                  specs: list[TensorSpec]) -> Callable[[str], np.ndarray | None]:
+    """Scales of each layer the GGUF says was equalized, recovered from its up_exps once."""
+    field = reader.fields.get(KEY_EQUALIZE_LAYERS)
+    layers = set(field_value(field) or ()) if field is not None else set()
+    by_name = {s.name: s for s in specs}
+    tensors = {t.name: t for t in reader.tensors}
+    found: dict[str, np.ndarray] = {}
+
+    def scales(layer: str) -> np.ndarray | None:
+        up = f"{layer}.ffn_up_exps.weight"
+        if layer not in layers or up not in tensors or up not in by_name:
+            return None
+        if layer not in found:
+            t = tensors[up]
+            found[layer] = equalized_scales(checkpoint, module, by_name[up], t.tensor_type.name.lower(),
+                                            tensor_bytes(reader, t))  # fmt: skip
+        return found[layer]
+
+    return scales
 
 
 def _check_architecture(reader: GGUFReader, module: ModuleType, path: Path) -> None:
@@ -234,8 +286,9 @@ def verify_gguf(
         if extra:
             raise VerifyError(f"{path.name}: tensor {extra[0]} has no counterpart in the source")
         checks = []
+        scales = _scale_finder(checkpoint, module, reader, specs)
         for i, spec in enumerate(specs):
-            check = check_tensor(checkpoint, module, spec, reader, stored.get(spec.name), max_relative_rms)
+            check = check_tensor(checkpoint, module, spec, reader, stored.get(spec.name), max_relative_rms, scales)
             logger.debug("%s: %s %s %.3g", spec.name, check.type, check.status, check.relative_rms)
             checks.append(check)
             if progress is not None:

@@ -24,6 +24,7 @@ from gguf import GGMLQuantizationType, LlamaFileType
 
 from quantizer import __version__, ggml
 from quantizer.arch.base import add_general_metadata, f32_to_bf16
+from quantizer.equalize import Equalizer
 from quantizer.errors import QuantError
 from quantizer.source import Checkpoint
 from quantizer.spec import TensorSpec
@@ -42,6 +43,8 @@ KEY_IMATRIX_FILE = KEY_PREFIX + "imatrix.file"
 KEY_IMATRIX_SHA256 = KEY_PREFIX + "imatrix.sha256"
 KEY_SOURCE_FILES = KEY_PREFIX + "source.files"
 KEY_SOURCE_SHA256 = KEY_PREFIX + "source.sha256"  # parallel to source.files
+KEY_EQUALIZE = KEY_PREFIX + "equalize"  # how routed up/down were equalized (quantizer.equalize)
+KEY_EQUALIZE_LAYERS = KEY_PREFIX + "equalize.layers"  # the layers it applies to
 
 
 class PlannedTensor(Protocol):
@@ -61,6 +64,8 @@ class Provenance:
     sources: tuple[tuple[str, str], ...]  # (file name, sha256)
     imatrix_file: str | None = None
     imatrix_sha256: str | None = None
+    equalize: str | None = None  # method, when routed up/down channels were equalized
+    equalize_layers: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -101,12 +106,16 @@ def _add_provenance(writer: gguf.GGUFWriter, prov: Provenance) -> None:
     if prov.imatrix_file is not None:
         writer.add_string(KEY_IMATRIX_FILE, prov.imatrix_file)
         writer.add_string(KEY_IMATRIX_SHA256, prov.imatrix_sha256 or "")
+    if prov.equalize is not None:
+        writer.add_string(KEY_EQUALIZE, prov.equalize)
+        writer.add_array(KEY_EQUALIZE_LAYERS, list(prov.equalize_layers))
     writer.add_array(KEY_SOURCE_FILES, [name for name, _ in prov.sources])
     writer.add_array(KEY_SOURCE_SHA256, [digest for _, digest in prov.sources])
 
 
 def tensor_data(checkpoint: Checkpoint, arch: ModuleType, entry: PlannedTensor,
-                imatrix: Mapping[str, np.ndarray] | None, threads: int) -> np.ndarray:
+                imatrix: Mapping[str, np.ndarray] | None, threads: int,
+                equalizer: Equalizer | None = None) -> np.ndarray:
     """The bytes (as an array) of one tensor in its planned type."""
     spec = entry.spec
     if entry.type == spec.base_type:
@@ -120,6 +129,8 @@ def tensor_data(checkpoint: Checkpoint, arch: ModuleType, entry: PlannedTensor,
     if entry.type == "f16":
         return values.astype(np.float16)
     weights = None if imatrix is None else imatrix.get(spec.name)
+    if equalizer is not None:
+        values, weights = equalizer.apply(spec, values, weights)
     return ggml.quantize(values, entry.type, weights, threads)
 
 
@@ -168,6 +179,7 @@ def write_gguf(
     threads: int = 1,
     force: bool = False,
     progress: ProgressFn | None = None,
+    equalizer: Equalizer | None = None,
 ) -> WriteResult:
     """Write `entries` (in order) from `checkpoint` to `out`; all or nothing."""
     out = Path(out)
@@ -178,7 +190,7 @@ def write_gguf(
     partial = partial_path(out)
     writer = _build_writer(checkpoint, arch, entries, vocab, provenance)
     try:
-        digest, size = _stream(writer, partial, checkpoint, arch, entries, imatrix, threads, progress)
+        digest, size = _stream(writer, partial, checkpoint, arch, entries, imatrix, threads, progress, equalizer)
         if out.exists():
             sidecar_path(out).unlink(missing_ok=True)  # never leave a stale digest beside a new file
         os.replace(partial, out)
@@ -197,7 +209,7 @@ def write_gguf(
 
 def _stream(writer: gguf.GGUFWriter, partial: Path, checkpoint: Checkpoint, arch: ModuleType,
             entries: Sequence[PlannedTensor], imatrix: Mapping[str, np.ndarray] | None, threads: int,
-            progress: ProgressFn | None) -> tuple[str, int]:
+            progress: ProgressFn | None, equalizer: Equalizer | None) -> tuple[str, int]:
     """Header, metadata and tensor infos, then each tensor's data; returns (sha256, size)."""
     writer.write_header_to_file(path=partial)
     writer.write_kv_data_to_file()
@@ -210,7 +222,7 @@ def _stream(writer: gguf.GGUFWriter, partial: Path, checkpoint: Checkpoint, arch
         digest.update(head.read())
     total, done = sum(e.nbytes for e in entries), 0
     for entry in entries:
-        data = tensor_data(checkpoint, arch, entry, imatrix, threads)
+        data = tensor_data(checkpoint, arch, entry, imatrix, threads, equalizer)
         if data.nbytes != entry.nbytes:
             raise QuantError(f"{entry.spec.name}: built {data.nbytes} bytes, plan says {entry.nbytes}")
         start = fout.tell()

@@ -48,11 +48,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --gpu-layers auto: GPU memory to plan for at most, e.g. 24GiB (default: all free)")
     p.add_argument("--cpu-moe-layers", type=int, metavar="N", help="keep routed experts of the first N layers in RAM")
     p.add_argument("--ctx-size", type=int, metavar="N", help=f"context length in tokens, 0 for the model's own (default {DEFAULT['ctx_size']})")
-    p.add_argument("--threads", type=int, metavar="N", help="CPU threads (default: llama.cpp's choice)")
-    p.add_argument("--threads-batch", type=int, metavar="N", help="CPU threads for prompts (default: as --threads)")
-    p.add_argument("--batch", type=int, metavar="N", help=f"prompt tokens per evaluation step (default {DEFAULT['batch']})")
+    p.add_argument("--threads", type=int, metavar="N", help="CPU threads for decoding (default: one per physical core)")
+    p.add_argument("--threads-batch", type=int, metavar="N",
+                   help="CPU threads for prompts (default: as --threads if given, else every CPU)")
+    p.add_argument("--batch", type=int, metavar="N",
+                   help="prompt tokens per evaluation step (default 4096 with routed experts in RAM beside a GPU, "
+                   "else 2048)")
     p.add_argument("--ubatch", type=int, metavar="N",
-                   help=f"tokens per compute pass within a step (default {DEFAULT['ubatch']})")
+                   help="tokens per compute pass within a step (default 4096 with routed experts in RAM beside a "
+                   "GPU, else 512)")
     p.add_argument("--mmap", action=argparse.BooleanOptionalAction,
                    help="map the file instead of loading it (default: no mmap when routed experts stay in RAM "
                    "beside a GPU, so they land in pinned memory)")

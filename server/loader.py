@@ -17,6 +17,7 @@ import os
 import re
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import llama_cpp
@@ -28,9 +29,12 @@ log = logging.getLogger(__name__)
 
 MAX_THREADS = 1024
 MAX_BATCH = 1 << 16
-# Used only when the settings object has no such field (llama.cpp's own defaults).
+# llama.cpp's own batch sizes, and ours where routed experts stay in RAM beside a GPU: there llama.cpp
+# copies each expert tensor to the GPU once per micro-batch of a long prompt, so larger micro-batches
+# copy less (H200, 4 Coder-Next layers: prompt of 4096 tokens 3.6x faster; docs/benchmarks.md).
 DEFAULT_BATCH = 2048
 DEFAULT_UBATCH = 512
+OFFLOAD_BATCH = 4096
 
 # llama.cpp log lines that report buffer sizes, by what the buffer holds:
 #   load_tensors:   CPU_Mapped model buffer size =    31.61 MiB
@@ -239,24 +243,49 @@ def _int_setting(settings: Any, name: str, default: int | None, low: int, high: 
     return value
 
 
+def _usable_cpus() -> list[int]:
+    if hasattr(os, "sched_getaffinity"):
+        return sorted(os.sched_getaffinity(0))
+    return list(range(os.cpu_count() or 1))
+
+
+def default_threads() -> int:
+    """One thread per physical core this process may run on: hyperthread siblings share one core's
+    load and store units, and decoding with experts in RAM is bound by memory traffic."""
+    cpus = _usable_cpus()
+    cores = set()
+    for cpu in cpus:
+        try:
+            cores.add(Path(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list").read_text().strip())
+        except OSError:
+            return max(1, len(cpus))
+    return max(1, len(cores))
+
+
+def batch_sizes(settings: Any, plan: PlacementPlan) -> tuple[int, int]:
+    """(n_batch, n_ubatch): the settings' values, or the defaults for this placement. `auto` keeps
+    llama.cpp's defaults, for which it estimated the GPU's compute buffer."""
+    offload = plan.gpu_backend and bool(plan.overrides) and plan.preset_requested != "auto"
+    batch = _int_setting(settings, "batch", None, 1, MAX_BATCH) or (OFFLOAD_BATCH if offload else DEFAULT_BATCH)
+    ubatch = _int_setting(settings, "ubatch", None, 1, MAX_BATCH) or (OFFLOAD_BATCH if offload else DEFAULT_UBATCH)
+    return batch, min(ubatch, batch)
+
+
 def llama_arguments(settings: Any, plan: PlacementPlan, mmap: bool) -> dict[str, Any]:
     """Keyword arguments for llama_cpp.Llama, every number bounded."""
-    batch = _int_setting(settings, "batch", None, 1, MAX_BATCH) or DEFAULT_BATCH
-    ubatch = _int_setting(settings, "ubatch", None, 1, MAX_BATCH) or DEFAULT_UBATCH
+    batch, ubatch = batch_sizes(settings, plan)
     kwargs: dict[str, Any] = {
         "n_gpu_layers": plan.n_gpu_layers,
         "n_ctx": plan.ctx_size,
         "n_batch": batch,
-        "n_ubatch": min(ubatch, batch),
+        "n_ubatch": ubatch,
         "use_mmap": mmap,
         "verbose": bool(getattr(settings, "verbose", False)),
     }
     threads = _int_setting(settings, "threads", None, 1, MAX_THREADS)
-    threads_batch = _int_setting(settings, "threads_batch", None, 1, MAX_THREADS) or threads
-    if threads is not None:
-        kwargs["n_threads"] = threads
-    if threads_batch is not None:
-        kwargs["n_threads_batch"] = threads_batch
+    threads_batch = _int_setting(settings, "threads_batch", None, 1, MAX_THREADS)
+    kwargs["n_threads"] = threads or default_threads()
+    kwargs["n_threads_batch"] = threads_batch or threads or len(_usable_cpus())
     flash_attn = getattr(settings, "flash_attn", None)
     if flash_attn is not None:
         kwargs["flash_attn"] = bool(flash_attn)

@@ -148,10 +148,7 @@ def choose_auto(tensors: Sequence[TensorInfo], shape: MemoryShape, ctx_size: int
 # ggml-cuda logs each device at init: "Device 0: NVIDIA H200, compute capability 9.0, VMM: yes, ..."
 COMPUTE_CAPABILITY = re.compile(r"compute capability (\d+)\.(\d+)")
 BF16_FAST_SINCE = (8, 0)  # Ampere: native BF16 tensor-core math
-BF16_RECIPE_HINT = (
-    "coder-quant build SRC OUT.gguf --rule class:attention=q8_0 --rule class:ssm=q8_0 "
-    "--rule class:shared_expert=q8_0 --rule class:output=q8_0 (or =f16)"
-)
+BF16_RECIPE_HINT = "coder-quant build SRC OUT.gguf --recipe attn-f16-iq4xs (or attn-q8-iq4xs, smaller)"
 
 
 def parse_compute_capability(log_text: str) -> tuple[int, int] | None:
@@ -173,7 +170,7 @@ def bf16_warning(compute_capability: tuple[int, int] | None, gpu_types: set[str]
     major, minor = compute_capability
     return (
         f"this GPU (compute capability {major}.{minor}) has no fast BF16 math: the BF16 tensors on it run "
-        f"slowly. Rebuild the GGUF with the preserved tensors in Q8_0 or F16, e.g. {BF16_RECIPE_HINT}; "
+        f"slowly. Rebuild the GGUF with the preserved tensors in F16 or Q8_0: {BF16_RECIPE_HINT}; "
         "the result is then no longer bit-for-bit with the original weights."
     )
 

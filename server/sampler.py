@@ -3,19 +3,33 @@
 The chain order follows llama.cpp's common sampler (common/sampling.cpp):
 logit bias -> penalties -> grammar -> top-k -> top-p -> min-p -> temperature -> draw.
 Temperature 0 means greedy decoding, as in OpenAI's API.
+
+llama_sampler_sample hands the chain the whole vocabulary every token (151,936 entries for
+Qwen3-Coder), and the penalty sampler then looks each one up in its table of recent tokens: about a
+millisecond per token, as much as a decode step of a fast GPU. Where the chain ends in top-k (or
+greedy, k = 1) and has no grammar, `sample` hands it a short list instead that provably yields the same
+token: the k best logits among tokens that neither a bias nor a penalty touches, plus every token that
+one does. Only biased and penalized tokens change their logits before top-k, so any other token that
+makes the k best afterwards was among the k best untouched tokens before.
 """
 
 from __future__ import annotations
 
 import ctypes
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
 import llama_cpp
+import numpy as np
 
 # Below this, temperature decodes greedily: dividing float32 logits by a smaller number overflows to inf,
 # and llama.cpp's draw then picks an arbitrary token.
 MIN_TEMPERATURE = 1e-4
+# Above this top_k, the short list saves little: the whole vocabulary goes to llama.cpp.
+MAX_SHORTLIST_K = 256
+BLOCK = 128  # top-k search: values per group (see top_k_ids)
+TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])  # llama_token_data
 
 
 @dataclass(frozen=True)
@@ -51,8 +65,19 @@ def check_grammar(vocab: Any, gbnf: str) -> None:
 class SamplerChain:
     """Owns one llama_sampler chain; close() frees it and every sampler added to it."""
 
-    def __init__(self, vocab: Any, n_vocab: int, params: SamplingParams, grammar: str | None) -> None:
+    def __init__(self, vocab: Any, n_vocab: int, params: SamplingParams, grammar: str | None,
+                 *, shortlist: bool = True) -> None:
         self._chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+        self._n_vocab = n_vocab
+        self._logits_type = ctypes.c_float * n_vocab
+        greedy = params.temperature < MIN_TEMPERATURE
+        self._k = 1 if greedy else params.top_k
+        penalized = params.repeat_penalty != 1.0 or params.presence_penalty or params.frequency_penalty
+        # The penalty sampler's window: the last repeat_last_n accepted tokens (-1: the whole context).
+        window = params.repeat_last_n if params.repeat_last_n >= 0 else None
+        self._recent: deque[int] | None = deque(maxlen=window) if penalized and window != 0 else None
+        self._biased = np.array(sorted({t for t, _ in params.logit_bias if 0 <= t < n_vocab}), dtype=np.int64)
+        self._shortlist = shortlist and grammar is None and 0 < self._k <= MAX_SHORTLIST_K
         try:
             self._build(vocab, n_vocab, params, grammar)
         except Exception:
@@ -90,8 +115,43 @@ class SamplerChain:
         self._add(llama_cpp.llama_sampler_init_dist(ctypes.c_uint32(p.seed).value))
 
     def sample(self, ctx: Any) -> int:
-        """Sample from the last evaluated position's logits; llama.cpp also accepts the token."""
-        return int(llama_cpp.llama_sampler_sample(self._chain, ctx, -1))
+        """Sample from the last evaluated position's logits; the chain also accepts the token."""
+        if not self._shortlist:
+            return int(llama_cpp.llama_sampler_sample(self._chain, ctx, -1))
+        pointer = llama_cpp.llama_get_logits_ith(ctx, -1)
+        if not pointer:
+            raise RuntimeError("no logits to sample from")
+        address = ctypes.cast(pointer, ctypes.c_void_p).value
+        logits = np.frombuffer(self._logits_type.from_address(address), dtype=np.float32)
+        ids = self._candidates(logits)
+        data = (llama_cpp.llama_token_data * len(ids))()
+        view = np.frombuffer(data, dtype=TOKEN_DATA)
+        view["id"] = ids
+        view["logit"] = logits[ids]
+        cur = llama_cpp.llama_token_data_array(data=data, size=len(ids), selected=-1, sorted=False)
+        llama_cpp.llama_sampler_apply(self._chain, ctypes.byref(cur))
+        if not 0 <= cur.selected < len(ids):
+            raise RuntimeError("the sampler chain selected no token")
+        token = int(data[cur.selected].id)
+        self.accept(token)
+        return token
+
+    def accept(self, token: int) -> None:
+        """Record `token` as generated (the penalty window, a grammar's state) without sampling it."""
+        llama_cpp.llama_sampler_accept(self._chain, token)
+        if self._recent is not None:
+            self._recent.append(token)
+
+    def _candidates(self, logits: np.ndarray) -> np.ndarray:
+        """Token ids, ascending: the k best untouched logits and every biased or penalized token."""
+        touched = self._biased
+        if self._recent:
+            touched = np.union1d(touched, np.fromiter(self._recent, dtype=np.int64))
+        untouched = logits
+        if touched.size:
+            untouched = logits.copy()
+            untouched[touched] = -np.inf
+        return np.union1d(top_k_ids(untouched, self._k), touched)
 
     def close(self) -> None:
         if self._chain:
@@ -103,3 +163,25 @@ class SamplerChain:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def top_k_ids(values: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the k largest values, in any order; ties at the k-th value are broken arbitrarily,
+    as llama.cpp's top-k breaks them. Linear in len(values) with a small constant: the values are cut
+    into groups (strided, so that numpy's maximum runs over contiguous rows), and the k groups with
+    the largest maxima hold the k largest values."""
+    n = len(values)
+    k = min(k, n)
+    if k == 1:
+        return np.array([int(np.argmax(values))])
+    full = n - n % BLOCK
+    groups = full // BLOCK
+    if groups < k * 4:  # too few groups for the search to pay
+        return np.argpartition(values, n - k)[n - k:]
+    maxima = values[:full].reshape(BLOCK, groups).max(axis=0)  # group g: values[g::groups][:BLOCK]
+    chosen = np.argpartition(maxima, groups - k)[groups - k:]
+    pool = (np.arange(BLOCK)[:, None] * groups + chosen[None, :]).ravel()
+    if full < n:
+        pool = np.concatenate([pool, np.arange(full, n)])
+    best = np.argpartition(values[pool], len(pool) - k)[len(pool) - k:]
+    return pool[best]

@@ -32,6 +32,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="extra rule placed before the preset's (first match wins); repeatable")
     p.add_argument("--imatrix", type=Path, default=None, metavar="FILE",
                    help="importance matrix (llama-imatrix GGUF or legacy .dat)")
+    p.add_argument("--equalize", action="store_true",
+                   help="rescale routed up/down channels by activation statistics before quantizing "
+                   "(AWQ-style, function-preserving; needs --imatrix)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                    help="quantization threads (default: all CPU cores)")
     p.add_argument("--force", action="store_true", help="overwrite OUT.gguf if it exists")
@@ -73,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     bars = _Bars(enabled=not args.quiet)
     try:
         result = build_gguf(args.source, args.out, recipe=args.recipe, rules=args.rule, imatrix=args.imatrix,
-                            threads=args.threads, force=args.force, progress=bars)
+                            threads=args.threads, force=args.force, progress=bars, equalize=args.equalize)
     finally:
         bars.close()
     if not args.quiet:

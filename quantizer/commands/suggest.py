@@ -42,6 +42,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="one type per expert kind (gate/up/down), or per kind and layer (default)")
     p.add_argument("--types", default=",".join(EXPERT_TYPES),
                    help=f"candidate expert types, comma separated (default {','.join(EXPERT_TYPES)})")
+    p.add_argument("--try-equalize", action="store_true",
+                   help="also measure the chosen recipe with up/down channel equalization (one more build) "
+                   "and propose it when it is lower by more than one standard error")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="quantization threads")
     p.set_defaults(handler=run)  # fmt: skip
 
@@ -69,9 +72,16 @@ def render(s: Suggestion) -> str:
     ]
     if s.uniform is not None:
         lines.append(f"     the best single type that fits, {s.uniform[0]}, sums to {s.uniform[1]:.6f}")
-    lines += ["", "measured on the calibration text:", format_result(s.measured)]
+    if s.other is not None:
+        with_eq, without = (s.measured, s.other) if s.equalize else (s.other, s.measured)
+        verdict = "lower by more than one standard error: proposed" if s.equalize else "not clearly lower: not proposed"
+        lines.append(f"     with up/down equalization (--equalize) mean KLD {with_eq.kld_mean:.6f}, without "
+                     f"{without.kld_mean:.6f}: {verdict}")
+    lines += ["", "measured on the calibration text" + (" (with --equalize):" if s.equalize else ":"),
+              format_result(s.measured)]
     rules = " ".join(f"--rule '{r}'" for r in s.rules)
-    lines += ["", f"build: coder-quant build SRC_DIR OUT.gguf --recipe bf16 --imatrix IMATRIX.gguf {rules}"]
+    flags = "--imatrix IMATRIX.gguf" + (" --equalize" if s.equalize else "")
+    lines += ["", f"build: coder-quant build SRC_DIR OUT.gguf --recipe bf16 {flags} {rules}"]
     return "\n".join(lines)
 
 
@@ -95,6 +105,7 @@ def run(args: argparse.Namespace) -> int:
         imatrix=args.imatrix,
         threads=args.threads,
         progress=lambda msg: print(msg, file=sys.stderr, flush=True),
+        try_equalize=args.try_equalize,
     )
     print(render(result))
     return 0

@@ -11,12 +11,17 @@ import pytest
 
 from quantizer.build import checkpoint_specs
 from quantizer.cli import main
+from quantizer.commands.suggest import render
+from quantizer.evaluate import EvalResult
 from quantizer.plan import make_plan
 from quantizer.recipes import KEEP, get_recipe
 from quantizer.source import open_checkpoint
 from quantizer.suggest import (
+    Allocation,
     Option,
+    Split,
     SuggestError,
+    Suggestion,
     allocate,
     best_uniform,
     expert_groups,
@@ -119,13 +124,37 @@ def test_small_run_fits_and_is_measured(
     text.write_text(heldout_text.read_text(encoding="utf-8")[:12_000], encoding="utf-8")
     budget = 8_120_672 + 6_600_000  # BF16 non-expert bytes plus a little under IQ4_XS experts
     args = ["suggest", str(reference_model), "--ram-budget", str(budget), "--text", str(text),
-            "--ctx", "256", "--chunks", "2", "--granularity", "kind", "--types", "iq3_s,iq4_xs"]  # fmt: skip
+            "--ctx", "256", "--chunks", "2", "--granularity", "kind", "--types", "iq3_s,iq4_xs",
+            "--try-equalize"]  # fmt: skip
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "=iq3_s'" in out  # the budget is below IQ4_XS everywhere, so at least one group drops
     assert len(re.findall(r"\d\*", out)) == 3 and "Mean    KLD" in out  # one choice per group
-    assert main([*args[:2], "--ram-budget", "1M", *args[4:]]) == 1
+    verdict = re.search(r"with up/down equalization \(--equalize\) mean KLD (\S+), without (\S+): (.*)", out)
+    assert verdict is not None and float(verdict.group(1)) > 0 and float(verdict.group(2)) > 0
+    build_line = next(line for line in out.splitlines() if line.startswith("build:"))
+    assert ("--equalize" in build_line) == verdict.group(3).endswith(": proposed")
+    assert main([*args[:2], "--ram-budget", "1M", *args[4:-1]]) == 1
     assert "at least" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        main([*args[:2], "--ram-budget", "lots", *args[4:]])
+        main([*args[:2], "--ram-budget", "lots", *args[4:-1]])
     assert "cannot read size" in capsys.readouterr().err
+
+
+def _result(kld: float, unc: float) -> EvalResult:
+    return EvalResult(tokens=100, chunks=1, ctx=256, kld_mean=kld, kld_mean_unc=unc, kld_median=kld, kld_p99=kld,
+                      kld_p999=kld, kld_max=kld, top1=95.0, top1_unc=0.1, ppl_base=7.0, ppl_base_unc=0.1,
+                      ppl_quant=7.1, ppl_quant_unc=0.1, ppl_ratio=1.01, ppl_ratio_unc=0.001)  # fmt: skip
+
+
+def test_render_says_why_equalization_is_or_is_not_proposed() -> None:
+    alloc = Allocation((("g0", "iq4_xs"),), 1000, 0.01)
+    base = dict(rules=("class:routed_expert=iq4_xs",), allocation=alloc, split=Split(10, 0, 1000),
+                options=(Option("g0", "iq4_xs", 1000, 0.01),), uniform=None)  # fmt: skip
+    chosen = render(Suggestion(**base, measured=_result(0.008, 0.0001), equalize=True, other=_result(0.009, 0.0001)))
+    assert "mean KLD 0.008000, without 0.009000: lower by more than one standard error: proposed" in chosen
+    assert "--imatrix IMATRIX.gguf --equalize --rule 'class:routed_expert=iq4_xs'" in chosen
+    declined = render(Suggestion(**base, measured=_result(0.009, 0.0002), equalize=False, other=_result(0.0089, 0.0002)))
+    assert "mean KLD 0.008900, without 0.009000: not clearly lower: not proposed" in declined
+    assert "--equalize" not in declined.splitlines()[-1]
+    assert "equalization" not in render(Suggestion(**base, measured=_result(0.009, 0.0002)))

@@ -88,14 +88,33 @@ def test_repack_off_keeps_the_files_layout(tiny_gguf):
 
 
 def test_threads_batch_defaults_to_threads():
-    plan = SimpleNamespace(n_gpu_layers=0, ctx_size=512)
+    plan = SimpleNamespace(n_gpu_layers=0, ctx_size=512, gpu_backend=False, overrides=(), preset_requested="none")
     kwargs = loader.llama_arguments(settings(threads=3), plan, mmap=True)
     assert (kwargs["n_threads"], kwargs["n_threads_batch"]) == (3, 3)
     kwargs = loader.llama_arguments(settings(threads=3, threads_batch=5), plan, mmap=True)
     assert (kwargs["n_threads"], kwargs["n_threads_batch"]) == (3, 5)
-    assert "n_threads" not in loader.llama_arguments(settings(threads=None), plan, mmap=True)
+    kwargs = loader.llama_arguments(settings(threads=None), plan, mmap=True)
+    assert kwargs["n_threads"] == loader.default_threads() <= kwargs["n_threads_batch"]
     with pytest.raises(PlacementError):
         loader.llama_arguments(settings(threads_batch=0), plan, mmap=True)
+
+
+def test_default_threads_counts_physical_cores():
+    cpus = loader._usable_cpus()
+    assert 1 <= loader.default_threads() <= len(cpus)
+
+
+@pytest.mark.parametrize("gpu, overrides, preset, expected", [
+    (True, (EXPERT_PATTERN,), "attn", (4096, 4096)),  # experts in RAM beside a GPU
+    (True, (), "all", (2048, 512)),
+    (False, (EXPERT_PATTERN,), "attn", (2048, 512)),  # no GPU backend: llama.cpp's defaults
+    (True, (EXPERT_PATTERN,), "auto", (2048, 512)),  # auto sized the compute buffer for these
+])
+def test_batch_sizes_follow_the_placement(gpu, overrides, preset, expected):
+    plan = SimpleNamespace(gpu_backend=gpu, overrides=overrides, preset_requested=preset)
+    assert loader.batch_sizes(settings(batch=None, ubatch=None), plan) == expected
+    assert loader.batch_sizes(settings(batch=1024, ubatch=256), plan) == (1024, 256)
+    assert loader.batch_sizes(settings(batch=256, ubatch=None), plan)[1] <= 256
 
 
 def test_compare_buffers_finds_a_mismatch():

@@ -195,4 +195,26 @@ def test_bf16_warning(cc, types, warns):
     message = bf16_warning(cc, types)
     assert (message is not None) == warns
     if message:
-        assert "no longer bit-for-bit" in message and "--rule class:attention=q8_0" in message
+        assert "no longer bit-for-bit" in message and "--recipe attn-f16-iq4xs" in message
+
+
+@pytest.mark.parametrize(("recipe", "warns"), [("attn-bf16-iq4xs", True), ("attn-f16-iq4xs", False),
+                                               ("attn-q8-iq4xs", False)])
+def test_the_recipes_the_warning_names_put_no_bf16_on_the_gpu(recipe, warns):
+    """Qwen3-Coder-Next's tensors under `attn`, planned with each recipe, as a pre-Ampere GPU sees them."""
+    from quantizer.arch import get_arch
+    from quantizer.plan import make_plan
+    from quantizer.recipes import get_recipe
+    from quantizer.synthetic import config_json, resolve_shape
+    from server.placement import MemoryShape, TensorInfo, parse_preset, plan_placement
+
+    config = config_json(resolve_shape("coder-next", {"layers": 4}), "bf16")
+    entries = make_plan(get_arch(config).specs_from_config(config), get_recipe(recipe)).entries
+    tensors = [TensorInfo(e.name, e.type, e.gguf_shape, e.nbytes) for e in entries]
+    shape = MemoryShape(n_layer_all=4, n_nextn=0, recurrent=(True, True, True, False), n_head_kv=(2,) * 4,
+                        key_length=256, value_length=256, ssm_conv_kernel=4, ssm_inner_size=32 * 128,
+                        ssm_state_size=128, ssm_group_count=16, ctx_train=262144)
+    plan = plan_placement(tensors, shape, parse_preset("attn"), 4096, gpu_backend=True)
+    gpu_types = {t.ggml_type for t in plan.tensors if t.device == "gpu"}
+    assert (bf16_warning((7, 5), gpu_types) is not None) == warns
+    assert "IQ4_XS" in {t.ggml_type.upper() for t in plan.tensors if t.device == "cpu"}
