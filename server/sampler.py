@@ -76,7 +76,7 @@ class SamplerChain:
         # The penalty sampler's window: the last repeat_last_n accepted tokens (-1: the whole context).
         window = params.repeat_last_n if params.repeat_last_n >= 0 else None
         self._recent: deque[int] | None = deque(maxlen=window) if penalized and window != 0 else None
-        self._biased = np.array(sorted({t for t, _ in params.logit_bias if 0 <= t < n_vocab}), dtype=np.int64)
+        self._biased = frozenset(t for t, _ in params.logit_bias if 0 <= t < n_vocab)
         self._shortlist = shortlist and grammar is None and 0 < self._k <= MAX_SHORTLIST_K
         try:
             self._build(vocab, n_vocab, params, grammar)
@@ -143,15 +143,15 @@ class SamplerChain:
             self._recent.append(token)
 
     def _candidates(self, logits: np.ndarray) -> np.ndarray:
-        """Token ids, ascending: the k best untouched logits and every biased or penalized token."""
-        touched = self._biased
-        if self._recent:
-            touched = np.union1d(touched, np.fromiter(self._recent, dtype=np.int64))
-        untouched = logits
-        if touched.size:
-            untouched = logits.copy()
-            untouched[touched] = -np.inf
-        return np.union1d(top_k_ids(untouched, self._k), touched)
+        """Token ids, ascending (llama.cpp's greedy sampler keeps the first of equal logits): the k best
+        untouched logits and every biased or penalized token."""
+        touched = self._biased.union(self._recent) if self._recent else self._biased
+        if not touched:
+            return np.sort(top_k_ids(logits, self._k))
+        ids = np.fromiter(touched, dtype=np.int64, count=len(touched))
+        untouched = logits.copy()
+        untouched[ids] = -np.inf
+        return np.unique(np.concatenate([top_k_ids(untouched, self._k), ids]))
 
     def close(self) -> None:
         if self._chain:
