@@ -313,6 +313,13 @@ class PlacedLlama(llama_cpp.Llama):
             super().__init__(model_path, **kwargs)
 
 
+def _load_or_fail(path: str, plan: PlacementPlan, repack: bool, kwargs: dict[str, Any]) -> PlacedLlama:
+    try:
+        return PlacedLlama(str(path), cpu_patterns=plan.overrides, repack=repack, **kwargs)
+    except ValueError as exc:
+        raise ModelLoadError(f"llama.cpp could not load {path}: {exc}") from exc
+
+
 def open_model(path: str, settings: Any, **llama_kwargs: Any) -> tuple[llama_cpp.Llama, dict[str, Any]]:
     """Load `path` with the placement `settings` asks for; returns the model and a summary of the
     placement in effect (for /health and the startup log). Extra keyword arguments go to Llama."""
@@ -335,7 +342,16 @@ def open_model(path: str, settings: Any, **llama_kwargs: Any) -> tuple[llama_cpp
         try:
             model = PlacedLlama(str(path), cpu_patterns=plan.overrides, repack=repack, **kwargs)
         except ValueError as exc:
-            raise ModelLoadError(f"llama.cpp could not load {path}: {exc}") from exc
+            # Our larger default micro-batch needs a larger GPU compute buffer (about 3 GB at a 151,936-token
+            # vocabulary); where that is what did not fit, llama.cpp's own sizes may.
+            if kwargs["n_ubatch"] == OFFLOAD_BATCH and not getattr(settings, "ubatch", None) and "n_ubatch" not in llama_kwargs:
+                log.warning("loading with %d-token micro-batches failed (%s); retrying with llama.cpp's %d/%d",
+                            OFFLOAD_BATCH, exc, DEFAULT_BATCH, DEFAULT_UBATCH)
+                kwargs |= {"n_batch": _int_setting(settings, "batch", None, 1, MAX_BATCH) or DEFAULT_BATCH,
+                           "n_ubatch": DEFAULT_UBATCH}
+                model = _load_or_fail(path, plan, repack, kwargs)
+            else:
+                raise ModelLoadError(f"llama.cpp could not load {path}: {exc}") from exc
     text = "".join(chunks)
     buffers = parse_buffer_sizes(text)
     summary = {
@@ -349,6 +365,8 @@ def open_model(path: str, settings: Any, **llama_kwargs: Any) -> tuple[llama_cpp
         "overridden_tensors": len(OVERRIDE_LINE.findall(text)),
         "mmap": mmap,
         "repack": repack,
+        "batch": kwargs["n_batch"],
+        "ubatch": kwargs["n_ubatch"],
         "ctx_size": plan.ctx_size,
         "gpu_bytes": plan.gpu_bytes,
         "cpu_bytes": plan.cpu_bytes,

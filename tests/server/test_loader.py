@@ -117,6 +117,33 @@ def test_batch_sizes_follow_the_placement(gpu, overrides, preset, expected):
     assert loader.batch_sizes(settings(batch=256, ubatch=None), plan)[1] <= 256
 
 
+def test_a_failed_load_with_the_large_default_micro_batch_is_retried_with_llamas(tiny_gguf, monkeypatch, caplog):
+    """Where the larger compute buffer of ubatch 4096 does not fit the GPU, the load falls back to 512.
+    The GPU is stood in for (this machine has none): the backend says it can offload, and the first
+    context creation fails as an out-of-memory one does."""
+    monkeypatch.setattr(loader.llama_cpp, "llama_supports_gpu_offload", lambda: True)
+    real_init = loader.PlacedLlama.__init__
+    tried = []
+
+    def init(self, path, **kwargs):
+        tried.append(kwargs["n_ubatch"])
+        if kwargs["n_ubatch"] == loader.OFFLOAD_BATCH:  # llama.cpp's own refusal: a path it cannot open
+            path = str(tiny_gguf) + ".absent"
+        real_init(self, path, **kwargs)
+
+    monkeypatch.setattr(loader.PlacedLlama, "__init__", init)
+    with caplog.at_level(logging.WARNING, logger="server.loader"):
+        llama, summary = open_model(str(tiny_gguf), settings(gpu_layers="attn", batch=None, ubatch=None, mmap=True))
+    assert tried == [loader.OFFLOAD_BATCH, loader.DEFAULT_UBATCH]
+    assert (summary["batch"], summary["ubatch"]) == (loader.DEFAULT_BATCH, loader.DEFAULT_UBATCH)
+    assert "retrying" in caplog.text
+    # an explicit --ubatch is not second-guessed
+    tried.clear()
+    with pytest.raises(loader.ModelLoadError):
+        open_model(str(tiny_gguf), settings(gpu_layers="attn", batch=4096, ubatch=4096, mmap=True))
+    assert tried == [4096]
+
+
 def test_compare_buffers_finds_a_mismatch():
     plan = {"tensors": [{"device": "gpu"}, {"device": "cpu"}],
             "weights": {"gpu": {"total": 100 * MiB}, "cpu": {"total": 50 * MiB}},
