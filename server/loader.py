@@ -45,7 +45,7 @@ BUFFER_LINE = re.compile(r"(\S+)\s+(model|KV|RS|compute) buffer size\s*=\s*([\d.
 BUFFER_KINDS = {"model": "model", "KV": "kv", "RS": "recurrent", "compute": "compute"}
 OVERRIDE_LINE = re.compile(r"tensor (\S+) \(.*\) buffer type overridden to (\S+)")
 
-# Llama.__init__ reads llama_model_default_params() from this module; see _model_params_with.
+# Llama.__init__ reads llama_*_default_params() from this module; see _default_params_with.
 _PARAMS_LOCK = threading.Lock()
 
 
@@ -205,28 +205,34 @@ def build_overrides(patterns: tuple[str, ...]) -> tuple[Any, list[bytes]] | None
 
 
 @contextlib.contextmanager
-def _model_params_with(overrides: Any, repack: bool = True) -> Iterator[None]:
-    """Let `Llama.__init__` start from default model parameters that carry our override array (and
-    `use_extra_bufts`, llama.cpp's switch for its repacked CPU buffer types).
+def _default_params_with(overrides: Any, repack: bool = True, n_outputs_max: int = 0) -> Iterator[None]:
+    """Let `Llama.__init__` start from default parameters that carry what it has no argument for: the
+    model's tensor-override array and `use_extra_bufts` (llama.cpp's switch for its repacked CPU
+    buffer types), and the context's `n_outputs_max` (0: n_batch).
 
-    `Llama` has no parameter for either and loads the model inside its constructor, so for the
-    duration of that call its parameter factory returns defaults with the fields set.
+    `Llama` loads the model and creates the context inside its constructor, so for the duration of
+    that call the two parameter factories return defaults with those fields set.
     """
     module = llama_cpp.llama_cpp
-    original = module.llama_model_default_params
+    model_defaults, context_defaults = module.llama_model_default_params, module.llama_context_default_params
 
-    def with_overrides() -> Any:
-        params = original()
+    def model_params() -> Any:
+        params = model_defaults()
         params.tensor_buft_overrides = ctypes.cast(overrides, ctypes.c_void_p) if overrides is not None else None
         params.use_extra_bufts = repack
         return params
 
+    def context_params() -> Any:
+        params = context_defaults()
+        params.n_outputs_max = n_outputs_max
+        return params
+
     with _PARAMS_LOCK:
-        module.llama_model_default_params = with_overrides
+        module.llama_model_default_params, module.llama_context_default_params = model_params, context_params
         try:
             yield
         finally:
-            module.llama_model_default_params = original
+            module.llama_model_default_params, module.llama_context_default_params = model_defaults, context_defaults
 
 
 @functools.cache
@@ -302,14 +308,19 @@ def choose_mmap(settings: Any, plan: PlacementPlan) -> bool:
 
 
 class PlacedLlama(llama_cpp.Llama):
-    """A Llama loaded with tensor-buffer overrides; it owns the override array llama.cpp points into."""
+    """A Llama loaded with tensor-buffer overrides; it owns the override array llama.cpp points into.
+
+    Its context returns logits for one position per llama_decode call (`n_outputs_max` 1), the last
+    one, which is all the server asks for: llama.cpp otherwise reserves logits for every token of a
+    micro-batch, 2.4 GB of compute buffer at 4,096 tokens and a 151,936-token vocabulary.
+    """
 
     def __init__(self, model_path: str, *, cpu_patterns: tuple[str, ...] = (), repack: bool = True,
-                 **kwargs: Any) -> None:
+                 n_outputs_max: int = 1, **kwargs: Any) -> None:
         # Set before loading: the native loader reads the array during __init__, the model keeps it.
         self.placement_overrides = build_overrides(cpu_patterns)
         array = self.placement_overrides[0] if self.placement_overrides else None
-        with _model_params_with(array, repack):
+        with _default_params_with(array, repack, n_outputs_max):
             super().__init__(model_path, **kwargs)
 
 
@@ -342,8 +353,8 @@ def open_model(path: str, settings: Any, **llama_kwargs: Any) -> tuple[llama_cpp
         try:
             model = PlacedLlama(str(path), cpu_patterns=plan.overrides, repack=repack, **kwargs)
         except ValueError as exc:
-            # Our larger default micro-batch needs a larger GPU compute buffer (about 3 GB at a 151,936-token
-            # vocabulary); where that is what did not fit, llama.cpp's own sizes may.
+            # Our larger default micro-batch needs a larger GPU compute buffer; where that is what did not
+            # fit, llama.cpp's own sizes may.
             if kwargs["n_ubatch"] == OFFLOAD_BATCH and not getattr(settings, "ubatch", None) and "n_ubatch" not in llama_kwargs:
                 log.warning("loading with %d-token micro-batches failed (%s); retrying with llama.cpp's %d/%d",
                             OFFLOAD_BATCH, exc, DEFAULT_BATCH, DEFAULT_UBATCH)

@@ -30,6 +30,19 @@ LOAD_TIMEOUT = 120.0  # seconds a test waits for a tiny model to load; generous 
 
 
 @pytest.fixture(scope="session")
+def bigvocab_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random model with a 32,768-token vocabulary: enough for logits to dominate buffers and for
+    the sampler's block search to run (Qwen3-Coder's 151,936 would only make the file larger)."""
+    from quantizer.synthetic import write_checkpoint
+
+    folder = tmp_path_factory.mktemp("bigvocab")
+    write_checkpoint(folder / "hf", preset="tiny", layers=4, vocab=32768)
+    out = folder / "model.gguf"
+    assert coder_quant(["build", str(folder / "hf"), str(out), "--quiet"]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
 def test_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("gguf") / "model.gguf"
     source = REFERENCE_MODEL

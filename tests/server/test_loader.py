@@ -144,6 +144,22 @@ def test_a_failed_load_with_the_large_default_micro_batch_is_retried_with_llamas
     assert tried == [4096]
 
 
+def test_the_context_keeps_logits_room_for_one_position_only(bigvocab_gguf):
+    """n_outputs_max 1: llama.cpp's compute buffer holds no logits for the rest of a micro-batch."""
+    compute = {}
+    for n_outputs_max in (0, 1):  # 0: llama.cpp's default, one row of logits per token of the batch
+        with capture_llama_log() as chunks:
+            llama = PlacedLlama(str(bigvocab_gguf), n_outputs_max=n_outputs_max, n_ctx=2048, n_batch=2048,
+                                n_ubatch=2048, n_threads=2, verbose=False)
+        compute[n_outputs_max] = sum(parse_buffer_sizes("".join(chunks))["compute"].values())
+        n_vocab = llama.n_vocab()
+        llama.eval(list(range(300, 1300)))  # a long prompt still evaluates; the last position's logits come back
+        assert llama._ctx.get_logits_ith(-1)[0] == llama._ctx.get_logits_ith(-1)[0]  # a number, not NaN
+        llama.close()
+    # most of the 268 MB of logits for 2048 tokens (the graph allocator overlaps some of it with other tensors)
+    assert compute[0] - compute[1] >= 0.5 * 2048 * n_vocab * 4
+
+
 def test_compare_buffers_finds_a_mismatch():
     plan = {"tensors": [{"device": "gpu"}, {"device": "cpu"}],
             "weights": {"gpu": {"total": 100 * MiB}, "cpu": {"total": 50 * MiB}},

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import llama_cpp
@@ -12,7 +10,6 @@ import pytest
 
 from server.sampler import SamplerChain, SamplingParams, top_k_ids
 
-ROOT = Path(__file__).resolve().parents[2]
 BASE = dict(temperature=0.0, top_p=1.0, top_k=0, min_p=0.0, repeat_penalty=1.0, presence_penalty=0.0,
             frequency_penalty=0.0, repeat_last_n=64, seed=1)
 
@@ -28,16 +25,8 @@ def test_top_k_ids_finds_the_k_largest(n: int, k: int) -> None:
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory: pytest.TempPathFactory) -> llama_cpp.Llama:
-    """A tiny random model with a 32k vocabulary, large enough for the block search to run."""
-    from quantizer.synthetic import write_checkpoint
-
-    folder = tmp_path_factory.mktemp("bigvocab")
-    write_checkpoint(folder / "hf", preset="tiny", layers=4, vocab=32768)
-    gguf = folder / "m.gguf"
-    subprocess.run([sys.executable, "-m", "quantizer.cli", "build", str(folder / "hf"), str(gguf), "--quiet"],
-                   cwd=ROOT, check=True)
-    return llama_cpp.Llama(str(gguf), n_ctx=256, n_threads=2, verbose=False)
+def model(bigvocab_gguf: Path) -> llama_cpp.Llama:
+    return llama_cpp.Llama(str(bigvocab_gguf), n_ctx=256, n_threads=2, verbose=False)
 
 
 def generate(llama: llama_cpp.Llama, params: SamplingParams, shortlist: bool, n: int = 48) -> list[int]:
