@@ -7,6 +7,7 @@
 #   scripts/gpu-run.sh all [options...]     # both
 #   scripts/gpu-run.sh test                 # the GPU cases of the loader tests (pytest)
 #   scripts/gpu-run.sh deps                 # only the pure-Python wheels and the project (seconds)
+#   scripts/gpu-run.sh python               # print the interpreter the phases install into and use
 #   scripts/gpu-run.sh levers [options...]  # bench/gpu_levers.py --out "$OUT" [options...]: speed levers
 #   scripts/gpu-run.sh loadcheck [args...]  # scripts/load_check.py: which placement/mmap/repack loads crash
 #
@@ -98,6 +99,7 @@ levers() {
 
 case "$phase" in
     deps) deps ;;
+    python) pick_python ;;  # the interpreter the other phases use
     levers) levers "$@" ;;
     loadcheck) "$(pick_python)" scripts/load_check.py "$@" ;;
     install) install ;;
