@@ -78,6 +78,11 @@ class SamplerChain:
         self._recent: deque[int] | None = deque(maxlen=window) if penalized and window != 0 else None
         self._biased = frozenset(t for t, _ in params.logit_bias if 0 <= t < n_vocab)
         self._shortlist = shortlist and grammar is None and 0 < self._k <= MAX_SHORTLIST_K
+        # the candidate rows handed to llama.cpp, reused from token to token
+        self._data: Any = None
+        self._rows = np.empty(0, dtype=TOKEN_DATA)
+        self._cur = llama_cpp.llama_token_data_array()
+        self._cur_ref = ctypes.byref(self._cur)
         try:
             self._build(vocab, n_vocab, params, grammar)
         except Exception:
@@ -124,15 +129,20 @@ class SamplerChain:
         address = ctypes.cast(pointer, ctypes.c_void_p).value
         logits = np.frombuffer(self._logits_type.from_address(address), dtype=np.float32)
         ids = self._candidates(logits)
-        data = (llama_cpp.llama_token_data * len(ids))()
-        view = np.frombuffer(data, dtype=TOKEN_DATA)
-        view["id"] = ids
-        view["logit"] = logits[ids]
-        cur = llama_cpp.llama_token_data_array(data=data, size=len(ids), selected=-1, sorted=False)
-        llama_cpp.llama_sampler_apply(self._chain, ctypes.byref(cur))
-        if not 0 <= cur.selected < len(ids):
+        n = len(ids)
+        if n > len(self._rows):  # grows at most a few times: k plus the touched tokens
+            self._data = (llama_cpp.llama_token_data * (2 * n))()
+            self._rows = np.frombuffer(self._data, dtype=TOKEN_DATA)
+        rows = self._rows[:n]
+        rows["id"] = ids
+        rows["logit"] = logits[ids]
+        rows["p"] = 0.0
+        cur = self._cur
+        cur.data, cur.size, cur.selected, cur.sorted = self._data, n, -1, False
+        llama_cpp.llama_sampler_apply(self._chain, self._cur_ref)
+        if not 0 <= cur.selected < n:
             raise RuntimeError("the sampler chain selected no token")
-        token = int(data[cur.selected].id)
+        token = int(cur.data[cur.selected].id)  # a sampler may point `data` at rows of its own
         self.accept(token)
         return token
 
