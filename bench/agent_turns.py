@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -39,6 +38,7 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.serve import free_port, wait_healthy  # noqa: E402
 from server.settings import Settings  # noqa: E402
 
 REFERENCE = ROOT.parent / "shared" / "reference-model"
@@ -114,12 +114,6 @@ def autocomplete_prompt(turn: int) -> str:
 # ---- servers ----
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def serve(args: argparse.Namespace) -> int:
     """Child mode: one server with an engine whose cache is set from --cache-ram."""
     import uvicorn
@@ -148,17 +142,7 @@ def start_server(args: argparse.Namespace, model: Path, cache_ram: str) -> tuple
     argv = [sys.executable, __file__, str(model), "--serve", "--port", str(port), "--cache-ram", cache_ram,
             "--ctx-size", str(args.ctx_size), "--threads", str(args.threads)]
     proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise SystemExit("bench: a server did not become healthy")
+    return proc, wait_healthy(proc, port)
 
 
 def cpu_seconds(pid: int) -> float:

@@ -105,17 +105,22 @@ def start_server(model: Path, args: argparse.Namespace) -> tuple[subprocess.Pope
         argv += ["--threads", str(args.threads)]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return proc, wait_healthy(proc, port)
+
+
+def wait_healthy(proc: subprocess.Popen, port: int, timeout: float = 600) -> str:
+    """The server's base URL once /health answers 200; kills it and exits when it does not in time."""
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 600
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and proc.poll() is None:
         try:
             if httpx.get(f"{url}/health", timeout=5).status_code == 200:
-                return proc, url
+                return url
         except httpx.TransportError:
             pass
         time.sleep(0.2)
     proc.kill()
-    raise SystemExit("bench: the server did not become healthy")
+    raise SystemExit("bench: a server did not become healthy")
 
 
 def summarize(runs: list[Run]) -> dict[str, float]:
