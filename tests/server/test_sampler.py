@@ -55,10 +55,12 @@ def test_shortlist_samples_what_the_whole_vocabulary_samples(model: llama_cpp.Ll
     assert generate(model, params, shortlist=True) == whole
 
 
-def test_no_shortlist_with_a_grammar_or_without_top_k(model: llama_cpp.Llama) -> None:
+def test_no_shortlist_with_a_grammar_without_top_k_or_for_a_small_vocabulary(model: llama_cpp.Llama) -> None:
     vocab = llama_cpp.llama_model_get_vocab(model.model)
     sampled = SamplingParams(**(BASE | dict(temperature=0.8, top_k=0)))
     with SamplerChain(vocab, model.n_vocab(), sampled, None) as chain:
         assert not chain._shortlist
     with SamplerChain(vocab, model.n_vocab(), SamplingParams(**BASE), 'root ::= "a"') as chain:
+        assert not chain._shortlist
+    with SamplerChain(vocab, 4096, SamplingParams(**BASE), None) as chain:  # a small vocabulary is cheap whole
         assert not chain._shortlist
