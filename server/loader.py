@@ -349,20 +349,21 @@ def open_model(path: str, settings: Any, **llama_kwargs: Any) -> tuple[llama_cpp
     repack = bool(getattr(settings, "repack", True))
     kwargs = llama_arguments(settings, plan, mmap) | llama_kwargs
     log.info("loading %s\n%s", path, plan.render())
+    # Our larger default micro-batch needs a larger GPU compute buffer; where that is what did not fit,
+    # llama.cpp's own sizes may.
+    may_fall_back = (kwargs["n_ubatch"] == OFFLOAD_BATCH and not getattr(settings, "ubatch", None)
+                     and "n_ubatch" not in llama_kwargs)
     with capture_llama_log() as chunks:
         try:
-            model = PlacedLlama(str(path), cpu_patterns=plan.overrides, repack=repack, **kwargs)
-        except ValueError as exc:
-            # Our larger default micro-batch needs a larger GPU compute buffer; where that is what did not
-            # fit, llama.cpp's own sizes may.
-            if kwargs["n_ubatch"] == OFFLOAD_BATCH and not getattr(settings, "ubatch", None) and "n_ubatch" not in llama_kwargs:
-                log.warning("loading with %d-token micro-batches failed (%s); retrying with llama.cpp's %d/%d",
-                            OFFLOAD_BATCH, exc, DEFAULT_BATCH, DEFAULT_UBATCH)
-                kwargs |= {"n_batch": _int_setting(settings, "batch", None, 1, MAX_BATCH) or DEFAULT_BATCH,
-                           "n_ubatch": DEFAULT_UBATCH}
-                model = _load_or_fail(path, plan, repack, kwargs)
-            else:
-                raise ModelLoadError(f"llama.cpp could not load {path}: {exc}") from exc
+            model = _load_or_fail(path, plan, repack, kwargs)
+        except ModelLoadError as exc:
+            if not may_fall_back:
+                raise
+            log.warning("%s with %d-token micro-batches; retrying with llama.cpp's %d/%d",
+                        exc, OFFLOAD_BATCH, DEFAULT_BATCH, DEFAULT_UBATCH)
+            kwargs |= {"n_batch": _int_setting(settings, "batch", None, 1, MAX_BATCH) or DEFAULT_BATCH,
+                       "n_ubatch": DEFAULT_UBATCH}
+            model = _load_or_fail(path, plan, repack, kwargs)
     text = "".join(chunks)
     buffers = parse_buffer_sizes(text)
     summary = {

@@ -136,7 +136,7 @@ def test_a_failed_load_with_the_large_default_micro_batch_is_retried_with_llamas
         llama, summary = open_model(str(tiny_gguf), settings(gpu_layers="attn", batch=None, ubatch=None, mmap=True))
     assert tried == [loader.OFFLOAD_BATCH, loader.DEFAULT_UBATCH]
     assert (summary["batch"], summary["ubatch"]) == (loader.DEFAULT_BATCH, loader.DEFAULT_UBATCH)
-    assert "retrying" in caplog.text
+    assert "retrying with llama.cpp" in caplog.text
     # an explicit --ubatch is not second-guessed
     tried.clear()
     with pytest.raises(loader.ModelLoadError):
