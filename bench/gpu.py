@@ -301,7 +301,8 @@ def raw_main(spec: dict[str, Any]) -> dict[str, Any]:
 
     settings = SimpleNamespace(gpu_layers=spec["gpu_layers"], cpu_moe_layers=spec["cpu_moe_layers"],
                                ctx_size=spec["ctx_size"], threads=spec["threads"], batch=spec["batch"],
-                               **{k: spec[k] for k in ("ubatch", "threads_batch", "mmap", "repack", "flash_attn")
+                               **{k: spec[k] for k in ("ubatch", "threads_batch", "mmap", "repack", "host_buffer",
+                                                       "flash_attn")
                                   if spec.get(k) is not None})
     t0 = time.perf_counter()
     llm, summary = open_model(spec["gguf"], settings)
@@ -357,8 +358,21 @@ def machine() -> dict[str, Any]:
 
     gpus = nvidia_smi("gpu=name,memory.total,driver_version")
     return {"gpus": [{"name": g[0], "memory_mib": g[1], "driver": g[2]} for g in gpus if len(g) == 3],
-            "cpu_count": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
-            "llama_cpp_python": llama_cpp.__version__, "gpu_offload": bool(llama_cpp.llama_supports_gpu_offload())}
+            "cpu_count": os.cpu_count(), **cpu_model(), "python": platform.python_version(),
+            "platform": platform.platform(), "llama_cpp_python": llama_cpp.__version__,
+            "gpu_offload": bool(llama_cpp.llama_supports_gpu_offload())}
+
+
+def cpu_model() -> dict[str, Any]:
+    """The CPU's name and the vector extensions that decide llama.cpp's CPU kernels (Linux only)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return {}
+    fields = dict(line.split(":", 1) for line in text.splitlines()[:40] if ":" in line)
+    flags = set(fields.get("flags\t\t", fields.get("flags", "")).split())
+    wanted = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16")
+    return {"cpu": fields.get("model name\t", "").strip(), "cpu_flags": [f for f in wanted if f in flags]}
 
 
 def fmt(value: float | None, digits: int = 1) -> str:

@@ -9,8 +9,9 @@ installs it offline), from the repository root:
 
 What it does:
   1. one synthetic checkpoint with Qwen3-Coder-Next's layer shapes (quantizer.synthetic), built by
-     coder-quant once per routed-expert type (`--types`; IQ4_XS is the default recipe; Q4_K and IQ4_NL
-     have repacked CPU layouts in llama.cpp on AVX2 machines);
+     coder-quant once per routed-expert type (`--types`; IQ4_XS is the default recipe; Q4_0, Q4_K,
+     IQ4_NL and Q8_0 have repacked CPU layouts in llama.cpp on AVX2 machines, used only where the
+     experts are not in the GPU's pinned host buffer: `--no-host-buffer`);
   2. the host's memory read bandwidth (numpy, one slice per thread) and from it the decode bound:
      bandwidth / routed-expert bytes read per token (top-k experts x 3 matrices x every layer);
   3. for each variant a fresh process loads the GGUF through server.loader with `attn` placement and
@@ -38,7 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import gpu  # noqa: E402  (bench/gpu.py: helpers shared with the placement benchmark)
 
 ROOT = gpu.ROOT
-RECIPE_RULES = {"iq4_xs": [], "q4_k": ["--recipe", "attn-bf16-q4k"], "iq4_nl": ["--rule", "class:routed_expert=iq4_nl"]}
+RECIPE_RULES = {"iq4_xs": [], "q4_k": ["--recipe", "attn-bf16-q4k"], "iq4_nl": ["--rule", "class:routed_expert=iq4_nl"],
+                "q4_0": ["--rule", "class:routed_expert=q4_0"], "q8_0": ["--recipe", "attn-bf16-q8"]}
 
 
 def build_models(args: argparse.Namespace) -> dict[str, Path]:
@@ -107,9 +109,14 @@ def variants(args: argparse.Namespace) -> list[dict[str, Any]]:
     out += [{"label": "mmap", **base, "mmap": True},
             {"label": "no pinned host memory", **base, "env": {"GGML_CUDA_NO_PINNED": "1"}},
             {"label": "flash attention off", **base, "flash_attn": False}]
+    # Without the GPU's pinned host buffer llama.cpp may repack experts into its CPU layouts (types that
+    # have one); "no repack" beside it isolates what the repacking itself does.
+    out.append({"label": "iq4_xs, no host buffer", **base, "host_buffer": False})
     for qtype in args.types:
         if qtype != "iq4_xs":
-            out += [{"label": f"{qtype}", "type": qtype}, {"label": f"{qtype}, no repack", "type": qtype, "repack": False}]
+            out += [{"label": f"{qtype}", "type": qtype},
+                    {"label": f"{qtype}, no host buffer", "type": qtype, "host_buffer": False},
+                    {"label": f"{qtype}, no host buffer, no repack", "type": qtype, "host_buffer": False, "repack": False}]
     out.append({"label": "server defaults", **base, "threads": None, "ubatch": None, "batch": None})
     out.append({"label": "baseline again", **base})
     return out
@@ -121,7 +128,7 @@ def measure(args: argparse.Namespace, gguf_path: Path, variant: dict[str, Any], 
             "batch": variant["batch"] if "batch" in variant else max(args.batch, variant.get("ubatch", 0)),
             "ubatch": variant.get("ubatch", args.base_ubatch),
             "prompts": args.prompts, "decode": args.decode, "repeat": args.repeat,
-            **{k: variant[k] for k in ("mmap", "repack", "flash_attn") if k in variant}}
+            **{k: variant[k] for k in ("mmap", "repack", "host_buffer", "flash_attn") if k in variant}}
     env = gpu.child_env() | variant.get("env", {})
     cmd = [sys.executable, str(ROOT / "bench" / "gpu.py"), "--raw", json.dumps(spec)]
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=args.load_timeout + 600)

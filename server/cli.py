@@ -25,7 +25,7 @@ DEFAULT = {name: field.default for name, field in Settings.model_fields.items()}
 FLAG_FIELDS = (
     "host", "port", "gpu_layers", "cpu_moe_layers", "ctx_size", "threads", "batch", "alias",
     "api_key", "max_queue", "max_body_bytes", "log_level", "cache_dir", "cache_ram",
-    "vram_budget", "threads_batch", "ubatch", "mmap", "repack", "flash_attn",
+    "vram_budget", "threads_batch", "ubatch", "mmap", "repack", "host_buffer", "flash_attn",
 )
 
 
@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "beside a GPU, so they land in pinned memory)")
     p.add_argument("--repack", action=argparse.BooleanOptionalAction,
                    help="let llama.cpp repack weights in RAM into its faster CPU layouts (default on)")
+    p.add_argument("--host-buffer", action=argparse.BooleanOptionalAction,
+                   help="keep weights in RAM in the GPU's pinned host memory, so prompts use the GPU (default "
+                   "on); --no-host-buffer lets them be repacked for faster CPU decoding instead")
     p.add_argument("--flash-attn", action=argparse.BooleanOptionalAction, help="flash attention (default: llama.cpp's)")
     p.add_argument("--cache-ram", metavar="SIZE",
                    help="RAM for prompt checkpoints of hybrid/recurrent models, e.g. 2GiB; 0 turns them off "

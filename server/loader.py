@@ -205,10 +205,12 @@ def build_overrides(patterns: tuple[str, ...]) -> tuple[Any, list[bytes]] | None
 
 
 @contextlib.contextmanager
-def _default_params_with(overrides: Any, repack: bool = True, n_outputs_max: int = 0) -> Iterator[None]:
+def _default_params_with(overrides: Any, repack: bool = True, n_outputs_max: int = 0,
+                         host_buffer: bool = True) -> Iterator[None]:
     """Let `Llama.__init__` start from default parameters that carry what it has no argument for: the
-    model's tensor-override array and `use_extra_bufts` (llama.cpp's switch for its repacked CPU
-    buffer types), and the context's `n_outputs_max` (0: n_batch).
+    model's tensor-override array, `use_extra_bufts` (llama.cpp's switch for its repacked CPU buffer
+    types) and `no_host` (skip the GPU's pinned host buffer for weights in RAM), and the context's
+    `n_outputs_max` (0: n_batch).
 
     `Llama` loads the model and creates the context inside its constructor, so for the duration of
     that call the two parameter factories return defaults with those fields set.
@@ -220,6 +222,7 @@ def _default_params_with(overrides: Any, repack: bool = True, n_outputs_max: int
         params = model_defaults()
         params.tensor_buft_overrides = ctypes.cast(overrides, ctypes.c_void_p) if overrides is not None else None
         params.use_extra_bufts = repack
+        params.no_host = not host_buffer
         return params
 
     def context_params() -> Any:
@@ -316,17 +319,17 @@ class PlacedLlama(llama_cpp.Llama):
     """
 
     def __init__(self, model_path: str, *, cpu_patterns: tuple[str, ...] = (), repack: bool = True,
-                 n_outputs_max: int = 1, **kwargs: Any) -> None:
+                 n_outputs_max: int = 1, host_buffer: bool = True, **kwargs: Any) -> None:
         # Set before loading: the native loader reads the array during __init__, the model keeps it.
         self.placement_overrides = build_overrides(cpu_patterns)
         array = self.placement_overrides[0] if self.placement_overrides else None
-        with _default_params_with(array, repack, n_outputs_max):
+        with _default_params_with(array, repack, n_outputs_max, host_buffer):
             super().__init__(model_path, **kwargs)
 
 
-def _load_or_fail(path: str, plan: PlacementPlan, repack: bool, kwargs: dict[str, Any]) -> PlacedLlama:
+def _load_or_fail(path: str, plan: PlacementPlan, layouts: dict[str, bool], kwargs: dict[str, Any]) -> PlacedLlama:
     try:
-        return PlacedLlama(str(path), cpu_patterns=plan.overrides, repack=repack, **kwargs)
+        return PlacedLlama(str(path), cpu_patterns=plan.overrides, **layouts, **kwargs)
     except ValueError as exc:
         raise ModelLoadError(f"llama.cpp could not load {path}: {exc}") from exc
 
@@ -347,6 +350,8 @@ def open_model(path: str, settings: Any, **llama_kwargs: Any) -> tuple[llama_cpp
         log.warning("%s", warning)
     mmap = choose_mmap(settings, plan)
     repack = bool(getattr(settings, "repack", True))
+    host_buffer = bool(getattr(settings, "host_buffer", True))
+    layouts = {"repack": repack, "host_buffer": host_buffer}
     kwargs = llama_arguments(settings, plan, mmap) | llama_kwargs
     log.info("loading %s\n%s", path, plan.render())
     # Our larger default micro-batch needs a larger GPU compute buffer; where that is what did not fit,
@@ -355,7 +360,7 @@ def open_model(path: str, settings: Any, **llama_kwargs: Any) -> tuple[llama_cpp
                      and "n_ubatch" not in llama_kwargs)
     with capture_llama_log() as chunks:
         try:
-            model = _load_or_fail(path, plan, repack, kwargs)
+            model = _load_or_fail(path, plan, layouts, kwargs)
         except ModelLoadError as exc:
             if not may_fall_back:
                 raise
@@ -363,7 +368,7 @@ def open_model(path: str, settings: Any, **llama_kwargs: Any) -> tuple[llama_cpp
                         exc, OFFLOAD_BATCH, DEFAULT_BATCH, DEFAULT_UBATCH)
             kwargs |= {"n_batch": _int_setting(settings, "batch", None, 1, MAX_BATCH) or DEFAULT_BATCH,
                        "n_ubatch": DEFAULT_UBATCH}
-            model = _load_or_fail(path, plan, repack, kwargs)
+            model = _load_or_fail(path, plan, layouts, kwargs)
     text = "".join(chunks)
     buffers = parse_buffer_sizes(text)
     summary = {
@@ -377,6 +382,7 @@ def open_model(path: str, settings: Any, **llama_kwargs: Any) -> tuple[llama_cpp
         "overridden_tensors": len(OVERRIDE_LINE.findall(text)),
         "mmap": mmap,
         "repack": repack,
+        "host_buffer": host_buffer,
         "batch": kwargs["n_batch"],
         "ubatch": kwargs["n_ubatch"],
         "ctx_size": plan.ctx_size,

@@ -409,6 +409,11 @@ def memory_shape_from_fields(fields: dict[str, Any]) -> MemoryShape:
         recurrent_t = tuple(i < n_layer and (i + 1) % interval != 0 for i in range(n_layer_all))
     else:
         recurrent_t = (False,) * n_layer_all
+    if arch in HYBRID_ARCHS and n_layer and all(recurrent_t[:n_layer]):
+        # llama.cpp builds a KV cache with no layers for such a model and aborts the process on its first
+        # decode (an unallocated input tensor), so it is refused here instead.
+        raise PlacementError(f"the model has no full-attention layer among its {n_layer} layers; "
+                             f"llama.cpp cannot run a {arch} model without one")
     return MemoryShape(
         n_layer_all=n_layer_all,
         n_nextn=n_nextn,

@@ -82,6 +82,9 @@ class SamplerChain:
         self._biased = frozenset(t for t, _ in params.logit_bias if 0 <= t < n_vocab)
         self._shortlist = (shortlist and grammar is None and 0 < self._k <= MAX_SHORTLIST_K
                            and n_vocab >= MIN_SHORTLIST_VOCAB)
+        # Plain greedy decoding: llama.cpp's greedy sampler picks the first of the largest logits, which
+        # is numpy's argmax; nothing else in the chain could change the choice.
+        self._argmax = shortlist and greedy and grammar is None and self._recent is None and not self._biased
         # the candidate rows handed to llama.cpp, reused from token to token
         self._data: Any = None
         self._rows = np.empty(0, dtype=TOKEN_DATA)
@@ -125,13 +128,15 @@ class SamplerChain:
 
     def sample(self, ctx: Any) -> int:
         """Sample from the last evaluated position's logits; the chain also accepts the token."""
-        if not self._shortlist:
+        if not (self._shortlist or self._argmax):
             return int(llama_cpp.llama_sampler_sample(self._chain, ctx, -1))
         pointer = llama_cpp.llama_get_logits_ith(ctx, -1)
         if not pointer:
             raise RuntimeError("no logits to sample from")
         address = ctypes.cast(pointer, ctypes.c_void_p).value
         logits = np.frombuffer(self._logits_type.from_address(address), dtype=np.float32)
+        if self._argmax:
+            return int(np.argmax(logits))  # the greedy sampler's accept() keeps no state
         ids = self._candidates(logits)
         n = len(ids)
         if n > len(self._rows):  # grows at most a few times: k plus the touched tokens
@@ -162,10 +167,16 @@ class SamplerChain:
         touched = self._biased.union(self._recent) if self._recent else self._biased
         if not touched:
             return np.sort(top_k_ids(logits, self._k))
+        # The touched logits are masked in llama.cpp's own buffer for the search and put back at once:
+        # cheaper than a masked copy of the whole vocabulary's logits.
         ids = np.fromiter(touched, dtype=np.int64, count=len(touched))
-        untouched = logits.copy()
-        untouched[ids] = -np.inf
-        return np.unique(np.concatenate([top_k_ids(untouched, self._k), ids]))
+        saved = logits[ids]
+        logits[ids] = -np.inf
+        try:
+            best = top_k_ids(logits, self._k)
+        finally:
+            logits[ids] = saved
+        return np.unique(np.concatenate([best, ids]))
 
     def close(self) -> None:
         if self._chain:

@@ -66,6 +66,10 @@ class Settings(BaseSettings):
     # llama.cpp's repacked CPU layouts (CPU_REPACK, AMX) for the weights in RAM; False keeps the file's
     # layout (a way out on CPUs whose repacked kernels fault)
     repack: bool = True
+    # Weights in RAM beside a GPU go to the GPU's pinned host buffer (CUDA_Host), from which prompt batches
+    # are multiplied on the GPU; False lets llama.cpp put them in its repacked CPU layouts instead (faster
+    # decoding for types that have one; prompts then run on the CPU). llama.cpp's `no_host`, inverted.
+    host_buffer: bool = True
     verbose: bool = False  # pass llama.cpp's own log through
     seed: int = Field(0xFFFFFFFF, ge=0, le=0xFFFFFFFF)  # sampling seed when a request has none; max = random
     # RAM for prompt checkpoints of models with a recurrent state (e.g. "4GiB"); 0 turns the cache off.

@@ -36,10 +36,11 @@ def test_flags_map_onto_settings(tmp_path: Path) -> None:
 
 def test_speed_flags_map_onto_settings(tmp_path: Path) -> None:
     s = settings_for([str(tmp_path / "m.gguf"), "--threads-batch", "16", "--ubatch", "2048", "--no-mmap",
-                      "--no-repack", "--flash-attn"])
+                      "--no-repack", "--flash-attn", "--no-host-buffer"])
     assert (s.threads_batch, s.ubatch, s.mmap, s.repack, s.flash_attn) == (16, 2048, False, False, True)
+    assert s.host_buffer is False
     s = settings_for([str(tmp_path / "m.gguf")])
-    assert (s.threads_batch, s.mmap, s.repack, s.flash_attn) == (None, None, True, None)
+    assert (s.threads_batch, s.mmap, s.repack, s.flash_attn, s.host_buffer) == (None, None, True, None, True)
 
 
 def test_defaults_are_safe_and_env_fills_what_flags_leave_out(monkeypatch: pytest.MonkeyPatch) -> None:

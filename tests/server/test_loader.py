@@ -192,6 +192,16 @@ def test_gpu_placement_matches_logged_buffers(tiny_gguf, gpu_layers, cpu_moe_lay
     assert llama.create_completion("x = ", max_tokens=2)["choices"]
 
 
+@pytest.mark.skipif(not llama_cpp.llama_supports_gpu_offload(), reason="this llama.cpp build has no GPU backend")
+def test_no_host_buffer_keeps_the_experts_out_of_pinned_memory(tiny_gguf):
+    for host_buffer in (True, False):
+        llama, summary = open_model(str(tiny_gguf), settings(gpu_layers="attn", host_buffer=host_buffer))
+        assert summary["host_buffer"] is host_buffer
+        assert ("CUDA_Host" in summary["buffers"]["model"]) is host_buffer, summary["buffers"]
+        assert llama.create_completion("x = ", max_tokens=2)["choices"]
+        llama.close()
+
+
 @pytest.mark.skipif(llama_cpp.llama_supports_gpu_offload(), reason="this llama.cpp build has a GPU backend")
 def test_attn_without_gpu_backend_warns_once_and_runs_on_cpu(tiny_gguf, caplog):
     loader._warn_no_gpu_once.cache_clear()
@@ -267,6 +277,7 @@ def test_missing_truncated_and_incomplete_models(tmp_path, tiny_gguf):
     incomplete = tmp_path / "incomplete.gguf"
     writer = GGUFWriter(incomplete, "qwen3next")
     writer.add_block_count(1)
+    writer.add_full_attention_interval(1)  # its one layer is full attention, which llama.cpp needs
     writer.add_context_length(512)
     writer.add_embedding_length(64)
     writer.add_head_count(1)

@@ -238,6 +238,9 @@ def test_memory_shape_from_metadata():
         ({"qwen3next.attention.head_count_kv": [2] * 7}, "head_count_kv"),
         ({"qwen3next.nextn_predict_layers": 8}, "nextn_predict_layers"),
         ({"general.architecture": None}, "architecture"),
+        # fewer layers than the interval: no full-attention layer, which llama.cpp aborts on
+        ({"qwen3next.block_count": 3, "qwen3next.attention.head_count_kv": [2] * 3}, "no full-attention layer"),
+        ({"qwen3next.full_attention_interval": 9}, "no full-attention layer"),
     ):
         with pytest.raises(PlacementError, match=message):
             memory_shape_from_fields(fields | broken)
