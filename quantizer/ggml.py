@@ -99,11 +99,14 @@ _TO_FLOAT = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_in
 
 
 def _library_path() -> Path:
+    """The libggml-base file that libllama itself loads. Wheels hold copies, not links, of the versioned
+    names; libllama needs `libggml-base.so.0`, and opening `libggml-base.so` after it would map a second
+    copy of ggml into the process (before it, the loader matches the copy's soname and shares it)."""
     spec = importlib.util.find_spec("llama_cpp")
     if spec is None or spec.origin is None:
         raise QuantError("llama-cpp-python is not installed: it provides the ggml quantization library")
     package = Path(spec.origin).parent
-    for name in ("libggml-base.so", "libggml-base.dylib", "ggml-base.dll"):
+    for name in ("libggml-base.so.0", "libggml-base.so", "libggml-base.0.dylib", "libggml-base.dylib", "ggml-base.dll"):
         for candidate in (package / "lib" / name, package / name):
             if candidate.is_file():
                 return candidate

@@ -182,3 +182,16 @@ def test_matches_llama_model_quantize_on_reference_model_experts(reference_model
     _llama_quantize(src, dst, [(r"ffn_down_exps", "iq4_xs"), (r"ffn_.*_exps", "iq3_s")], imatrix)
     want = {n: "iq4_xs" if "down" in n else "iq3_s" for n in f32}
     _assert_same_bytes(dst, f32, imatrix, want)
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux's /proc/self/maps")
+def test_one_copy_of_ggml_shared_with_llama_cpp() -> None:
+    """The quantizer opens the libggml-base that libllama links, not a second copy of it: two copies of
+    ggml in one process is how a model load crashed after an in-process build on a GPU machine."""
+    import llama_cpp
+
+    llama_cpp.llama_supports_gpu_offload()
+    ggml._lib()
+    maps = Path("/proc/self/maps").read_text().splitlines()
+    files = {line.split()[-1] for line in maps if "libggml-base" in line}
+    assert len(files) == 1, files
