@@ -7,8 +7,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from quantizer import arch as arch_registry
+from quantizer.covariance import load_covariances
 from quantizer.equalize import EQUALIZE_METHOD, Equalizer
 from quantizer.errors import QuantError
+from quantizer.gptq import GPTQ_METHOD, SHRINK, GptqRounder
 from quantizer.imatrix import check_against, load_imatrix
 from quantizer.plan import Plan, make_plan
 from quantizer.recipes import KEEP, Recipe, get_recipe
@@ -60,14 +62,19 @@ def build_gguf(
     force: bool = False,
     progress: ProgressFn | None = None,
     equalize: bool = False,
+    gptq: str | Path | None = None,
+    gptq_shrink: float = SHRINK,
 ) -> BuildResult:
     """Convert (and selectively quantize) a Hugging Face checkpoint folder into one GGUF file.
 
     `equalize` rescales routed up/down channels before quantizing them (quantizer.equalize); it needs
-    the importance matrix, and leaves every other tensor as it would be."""
+    the importance matrix, and leaves every other tensor as it would be. `gptq` names a covariance
+    file (quantizer.covariance) with which routed IQ4_XS experts are rounded by GPTQ (quantizer.gptq)."""
     out = Path(out)
     if out.exists() and not force:
         raise QuantError(f"{out} exists (use --force to overwrite)")
+    if gptq_shrink < 0:
+        raise QuantError(f"--gptq-shrink must be 0 or more, got {gptq_shrink:g}")
     if equalize and imatrix is None:
         raise QuantError("--equalize needs --imatrix: the channel scales come from the importance matrix")
     chosen = get_recipe(recipe, tuple(rules))
@@ -85,6 +92,12 @@ def build_gguf(
         if not equalizer.layers:
             raise QuantError("--equalize: no layer has its routed ffn_up_exps and ffn_down_exps quantized "
                              "with importance data for ffn_down_exps")  # fmt: skip
+    rounder = None
+    if gptq is not None:
+        covariances = load_covariances(gptq)
+        rounder = GptqRounder(plan.entries, covariances, equalizer, gptq_shrink, threads)
+        if not rounder.layers:
+            raise QuantError(f"--gptq: {Path(gptq).name} has no covariances for this model's IQ4_XS experts")
     logger.info("plan: %d tensors, %d bytes of tensor data (recipe %s)", len(plan.entries), plan.tensor_bytes, chosen.name)
     provenance = Provenance(
         recipe=chosen.name,
@@ -94,11 +107,15 @@ def build_gguf(
         imatrix_sha256=weights.sha256 if weights is not None else None,
         equalize=EQUALIZE_METHOD if equalizer is not None else None,
         equalize_layers=equalizer.layers if equalizer is not None else (),
+        gptq=f"{GPTQ_METHOD}, shrink {gptq_shrink:g}" if rounder is not None else None,
+        gptq_layers=rounder.layers if rounder is not None else (),
+        gptq_covariance_sha256=covariances.sha256 if rounder is not None else None,
     )
     try:
         written = write_gguf(out, checkpoint, module, plan.entries, vocab, provenance,
                              imatrix=weights.entries if weights is not None else None,
-                             threads=threads, force=force, progress=progress, equalizer=equalizer)
+                             threads=threads, force=force, progress=progress,
+                             transform=rounder or equalizer)
     finally:
         checkpoint.close()
     return BuildResult(plan, written)

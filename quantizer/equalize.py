@@ -146,6 +146,10 @@ class Equalizer:
             self.results.append(result)
         return self._scales[layer]
 
+    def scales_of(self, layer: str) -> np.ndarray:
+        """The channel scales s (n_expert, n_ff) of an equalized layer."""
+        return self._layer_scales(layer, None).scales
+
     def apply(self, spec: TensorSpec, values: np.ndarray, weights: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
         """(values, importance) to quantize for `spec`: scaled where its layer is equalized."""
         m = _EXPERT.match(spec.name)

@@ -239,12 +239,15 @@ def collect_imatrix(
     max_chunks: int | None = None,
     process_output: bool = False,
     progress: Callable[[int, int], None] | None = None,
+    collector: ActivationCollector | None = None,
 ) -> ImatrixStats:
-    """Run `model` over `text` in chunks of `ctx` tokens (as llama-imatrix does) and collect statistics."""
+    """Run `model` over `text` in chunks of `ctx` tokens (as llama-imatrix does) and collect statistics
+    (into `collector` when given: a subclass may keep more than the importance matrix)."""
     path = Path(model)
     if not path.is_file():
         raise ImatrixError(f"model file not found: {path}")
-    collector = ActivationCollector(chunk_size=ctx, process_output=process_output)
+    if collector is None:
+        collector = ActivationCollector(chunk_size=ctx, process_output=process_output)
     with LlamaSession(path, ctx, eval_callback=collector.callback) as session:
         chunks = chunk_tokens(session.tokenize(text), ctx, max_chunks)
         for i, chunk in enumerate(chunks):

@@ -24,7 +24,6 @@ from gguf import GGMLQuantizationType, LlamaFileType
 
 from quantizer import __version__, ggml
 from quantizer.arch.base import add_general_metadata, f32_to_bf16
-from quantizer.equalize import Equalizer
 from quantizer.errors import QuantError
 from quantizer.source import Checkpoint
 from quantizer.spec import TensorSpec
@@ -45,6 +44,17 @@ KEY_SOURCE_FILES = KEY_PREFIX + "source.files"
 KEY_SOURCE_SHA256 = KEY_PREFIX + "source.sha256"  # parallel to source.files
 KEY_EQUALIZE = KEY_PREFIX + "equalize"  # how routed up/down were equalized (quantizer.equalize)
 KEY_EQUALIZE_LAYERS = KEY_PREFIX + "equalize.layers"  # the layers it applies to
+KEY_GPTQ = KEY_PREFIX + "gptq"  # how routed experts were rounded (quantizer.gptq)
+KEY_GPTQ_LAYERS = KEY_PREFIX + "gptq.layers"
+KEY_GPTQ_COVARIANCE_SHA256 = KEY_PREFIX + "gptq.covariance.sha256"
+
+
+class ValueTransform(Protocol):
+    """Changes a quantized tensor's values (and importance) before llama.cpp quantizes them
+    (quantizer.equalize.Equalizer, quantizer.gptq.GptqRounder)."""
+
+    def apply(self, spec: TensorSpec, values: np.ndarray,
+              weights: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]: ...
 
 
 class PlannedTensor(Protocol):
@@ -66,6 +76,9 @@ class Provenance:
     imatrix_sha256: str | None = None
     equalize: str | None = None  # method, when routed up/down channels were equalized
     equalize_layers: tuple[str, ...] = ()
+    gptq: str | None = None  # method, when routed experts were rounded by GPTQ
+    gptq_layers: tuple[str, ...] = ()
+    gptq_covariance_sha256: str | None = None
 
 
 @dataclass(frozen=True)
@@ -109,13 +122,17 @@ def _add_provenance(writer: gguf.GGUFWriter, prov: Provenance) -> None:
     if prov.equalize is not None:
         writer.add_string(KEY_EQUALIZE, prov.equalize)
         writer.add_array(KEY_EQUALIZE_LAYERS, list(prov.equalize_layers))
+    if prov.gptq is not None:
+        writer.add_string(KEY_GPTQ, prov.gptq)
+        writer.add_array(KEY_GPTQ_LAYERS, list(prov.gptq_layers))
+        writer.add_string(KEY_GPTQ_COVARIANCE_SHA256, prov.gptq_covariance_sha256 or "")
     writer.add_array(KEY_SOURCE_FILES, [name for name, _ in prov.sources])
     writer.add_array(KEY_SOURCE_SHA256, [digest for _, digest in prov.sources])
 
 
 def tensor_data(checkpoint: Checkpoint, arch: ModuleType, entry: PlannedTensor,
                 imatrix: Mapping[str, np.ndarray] | None, threads: int,
-                equalizer: Equalizer | None = None) -> np.ndarray:
+                transform: ValueTransform | None = None) -> np.ndarray:
     """The bytes (as an array) of one tensor in its planned type."""
     spec = entry.spec
     if entry.type == spec.base_type:
@@ -129,8 +146,8 @@ def tensor_data(checkpoint: Checkpoint, arch: ModuleType, entry: PlannedTensor,
     if entry.type == "f16":
         return values.astype(np.float16)
     weights = None if imatrix is None else imatrix.get(spec.name)
-    if equalizer is not None:
-        values, weights = equalizer.apply(spec, values, weights)
+    if transform is not None:
+        values, weights = transform.apply(spec, values, weights)
     return ggml.quantize(values, entry.type, weights, threads)
 
 
@@ -179,7 +196,7 @@ def write_gguf(
     threads: int = 1,
     force: bool = False,
     progress: ProgressFn | None = None,
-    equalizer: Equalizer | None = None,
+    transform: ValueTransform | None = None,
 ) -> WriteResult:
     """Write `entries` (in order) from `checkpoint` to `out`; all or nothing."""
     out = Path(out)
@@ -190,7 +207,7 @@ def write_gguf(
     partial = partial_path(out)
     writer = _build_writer(checkpoint, arch, entries, vocab, provenance)
     try:
-        digest, size = _stream(writer, partial, checkpoint, arch, entries, imatrix, threads, progress, equalizer)
+        digest, size = _stream(writer, partial, checkpoint, arch, entries, imatrix, threads, progress, transform)
         if out.exists():
             sidecar_path(out).unlink(missing_ok=True)  # never leave a stale digest beside a new file
         os.replace(partial, out)
@@ -209,7 +226,7 @@ def write_gguf(
 
 def _stream(writer: gguf.GGUFWriter, partial: Path, checkpoint: Checkpoint, arch: ModuleType,
             entries: Sequence[PlannedTensor], imatrix: Mapping[str, np.ndarray] | None, threads: int,
-            progress: ProgressFn | None, equalizer: Equalizer | None) -> tuple[str, int]:
+            progress: ProgressFn | None, transform: ValueTransform | None) -> tuple[str, int]:
     """Header, metadata and tensor infos, then each tensor's data; returns (sha256, size)."""
     writer.write_header_to_file(path=partial)
     writer.write_kv_data_to_file()
@@ -222,7 +239,7 @@ def _stream(writer: gguf.GGUFWriter, partial: Path, checkpoint: Checkpoint, arch
         digest.update(head.read())
     total, done = sum(e.nbytes for e in entries), 0
     for entry in entries:
-        data = tensor_data(checkpoint, arch, entry, imatrix, threads, equalizer)
+        data = tensor_data(checkpoint, arch, entry, imatrix, threads, transform)
         if data.nbytes != entry.nbytes:
             raise QuantError(f"{entry.spec.name}: built {data.nbytes} bytes, plan says {entry.nbytes}")
         start = fout.tell()

@@ -11,6 +11,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from quantizer.build import build_gguf
+from quantizer.gptq import SHRINK
 from quantizer.recipes import DEFAULT_RECIPE, PRESETS
 
 PHASE_LABELS = {"hash": "hashing source", "write": "writing GGUF"}
@@ -35,6 +36,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--equalize", action="store_true",
                    help="rescale routed up/down channels by activation statistics before quantizing "
                    "(AWQ-style, function-preserving; needs --imatrix)")
+    p.add_argument("--gptq", type=Path, default=None, metavar="COV.safetensors",
+                   help="round routed IQ4_XS experts by GPTQ with these input covariances "
+                   "(`coder-quant imatrix --covariance`); llama.cpp still writes the bytes")
+    p.add_argument("--gptq-shrink", type=float, default=SHRINK, metavar="K",
+                   help=f"weight, in tokens, of the layer-wide covariance blended into each expert's "
+                   f"(default {SHRINK:g}; 0: each expert's own)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                    help="quantization threads (default: all CPU cores)")
     p.add_argument("--force", action="store_true", help="overwrite OUT.gguf if it exists")
@@ -76,7 +83,8 @@ def run(args: argparse.Namespace) -> int:
     bars = _Bars(enabled=not args.quiet)
     try:
         result = build_gguf(args.source, args.out, recipe=args.recipe, rules=args.rule, imatrix=args.imatrix,
-                            threads=args.threads, force=args.force, progress=bars, equalize=args.equalize)
+                            threads=args.threads, force=args.force, progress=bars, equalize=args.equalize,
+                            gptq=args.gptq, gptq_shrink=args.gptq_shrink)
     finally:
         bars.close()
     if not args.quiet:

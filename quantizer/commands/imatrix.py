@@ -9,9 +9,18 @@ from pathlib import Path
 from tqdm import tqdm
 
 from quantizer.commands.eval import read_text
+from quantizer.covariance import DEFAULT_LIMIT, CovarianceCollector, write_covariances
 from quantizer.errors import QuantError
 from quantizer.imatrix import write_imatrix_gguf
 from quantizer.imatrix_collect import collect_imatrix, default_calibration_text
+from quantizer.suggest import SuggestError, parse_size
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except SuggestError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -28,13 +37,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--ctx", type=int, default=512, help="tokens per chunk (512: llama-imatrix's default)")
     p.add_argument("--chunks", type=int, default=None, help="process at most this many chunks (default: all)")
     p.add_argument("--process-output", action="store_true", help="also collect output.weight, as llama-imatrix")
+    p.add_argument("--covariance", type=Path, default=None, metavar="COV.safetensors",
+                   help="also write each routed expert's input covariance, for `build --gptq` (needs RAM: "
+                   "n_layer x n_expert x (n_embd^2 + n_ff^2) x 8 bytes while collecting)")
+    p.add_argument("--covariance-limit", type=_size, default=DEFAULT_LIMIT, metavar="SIZE",
+                   help="stop with an error if the covariances would need more memory than this (default 8GiB)")
     p.add_argument("--force", action="store_true", help="overwrite OUT.gguf if it exists")
     p.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.output.exists() and not args.force:
-        raise QuantError(f"{args.output} exists (use --force to overwrite)")
+    for out in (args.output, args.covariance):
+        if out is not None and out.exists() and not args.force:
+            raise QuantError(f"{out} exists (use --force to overwrite)")
     if args.text is not None:
         text, dataset = read_text(args.text), str(args.text)
     else:
@@ -45,10 +60,17 @@ def run(args: argparse.Namespace) -> int:
             bar.total = total
             bar.update(done - bar.n)
 
+        collector = None
+        if args.covariance is not None:
+            collector = CovarianceCollector(chunk_size=args.ctx, process_output=args.process_output,
+                                            limit=args.covariance_limit)
         stats = collect_imatrix(
             args.model, text, ctx=args.ctx, max_chunks=args.chunks, process_output=args.process_output,
-            progress=progress,
+            progress=progress, collector=collector,
         )  # fmt: skip
     write_imatrix_gguf(args.output, stats.sums, stats.counts, [dataset], stats.chunk_count, stats.chunk_size)
     print(f"{args.output}: {len(stats.sums)} matrices, {stats.chunk_count} chunks of {stats.chunk_size} tokens")
+    if collector is not None and args.covariance is not None:
+        write_covariances(args.covariance, collector, dataset, stats.chunk_count)
+        print(f"{args.covariance}: input covariances of {len(collector.covariances or {})} routed expert tensors")
     return 0
