@@ -106,6 +106,8 @@ class Suggestion:
     measured: EvalResult  # the proposal: the rules, with up/down equalization when `equalize`
     equalize: bool = False
     other: EvalResult | None = None  # the same rules the other way (with or without equalization)
+    gptq: bool = False  # the proposal rounds its IQ4_XS experts by GPTQ (build --gptq)
+    without_gptq: EvalResult | None = None  # the proposal's rules without GPTQ, when it was tried
 
 
 def expert_groups(specs: Iterable[TensorSpec], granularity: Granularity) -> list[Group]:
@@ -253,10 +255,11 @@ class _Workspace:
         entries = make_plan(specs, get_recipe("bf16", tuple(rules))).entries
         return bool(eligible_layers(entries, check_against(load_imatrix(self.imatrix), specs).entries))
 
-    def measure(self, rules: Sequence[str], name: str, equalize: bool = False) -> EvalResult:
+    def measure(self, rules: Sequence[str], name: str, equalize: bool = False,
+                gptq: Path | None = None) -> EvalResult:
         out = self.folder / f"{name}.gguf"
         build_gguf(self.source, out, recipe="bf16", rules=tuple(rules), imatrix=self.imatrix,
-                   threads=self.threads, force=True, equalize=equalize)  # fmt: skip
+                   threads=self.threads, force=True, equalize=equalize, gptq=gptq)  # fmt: skip
         try:
             with LlamaSession(out, self.ctx) as session:
                 return score_against_cache(session, self.text, self.chunks, self.cache, self.base_sha)
@@ -279,9 +282,11 @@ def suggest(
     workdir: str | Path | None = None,
     progress: Callable[[str], None] | None = None,
     try_equalize: bool = False,
+    gptq: str | Path | None = None,
 ) -> Suggestion:
     """Measure per-group sensitivity on `text` and propose the expert types that fit the budgets;
-    with `try_equalize`, also measure them with up/down equalization and propose it if clearly lower."""
+    with `try_equalize`, also measure them with up/down equalization and propose it if clearly lower;
+    with `gptq` (a covariance file), likewise for GPTQ rounding where every routed expert is IQ4_XS."""
     report = progress or (lambda msg: log.info("%s", msg))
     for t in types:
         if t != KEEP:
@@ -316,5 +321,14 @@ def suggest(
             equalized = ws.measure(rules, "suggested-equalized", equalize=True)
             equalize = equalized.kld_mean < measured.kld_mean - max(equalized.kld_mean_unc, measured.kld_mean_unc)
             measured, other = (equalized, measured) if equalize else (measured, equalized)
+        rounded, without_gptq = False, None
+        if gptq is not None and {t for _, t in allocation.choice} == {"iq4_xs"}:
+            report("measuring it with GPTQ rounding")
+            with_gptq = ws.measure(rules, "suggested-gptq", equalize=equalize, gptq=Path(gptq))
+            rounded = with_gptq.kld_mean < measured.kld_mean - max(with_gptq.kld_mean_unc, measured.kld_mean_unc)
+            measured, without_gptq = (with_gptq, measured) if rounded else (measured, with_gptq)
+        elif gptq is not None:
+            report("GPTQ not tried: it rounds IQ4_XS experts only")
     uniform = best_uniform(options, split.expert_budget)
-    return Suggestion(rules, allocation, split, tuple(options), uniform, measured, equalize, other)
+    return Suggestion(rules, allocation, split, tuple(options), uniform, measured, equalize, other,
+                      rounded, without_gptq)

@@ -45,6 +45,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--try-equalize", action="store_true",
                    help="also measure the chosen recipe with up/down channel equalization (one more build) "
                    "and propose it when it is lower by more than one standard error")
+    p.add_argument("--gptq", type=Path, default=None, metavar="COV.safetensors",
+                   help="also measure the chosen recipe with GPTQ rounding (`imatrix --covariance`; IQ4_XS "
+                   "experts only) and propose it when it is lower by more than one standard error")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="quantization threads")
     p.set_defaults(handler=run)  # fmt: skip
 
@@ -77,10 +80,16 @@ def render(s: Suggestion) -> str:
         verdict = "lower by more than one standard error: proposed" if s.equalize else "not clearly lower: not proposed"
         lines.append(f"     with up/down equalization (--equalize) mean KLD {with_eq.kld_mean:.6f}, without "
                      f"{without.kld_mean:.6f}: {verdict}")
-    lines += ["", "measured on the calibration text" + (" (with --equalize):" if s.equalize else ":"),
+    if s.without_gptq is not None:
+        with_gptq, without = (s.measured, s.without_gptq) if s.gptq else (s.without_gptq, s.measured)
+        verdict = "lower by more than one standard error: proposed" if s.gptq else "not clearly lower: not proposed"
+        lines.append(f"     with GPTQ rounding (--gptq) mean KLD {with_gptq.kld_mean:.6f}, without "
+                     f"{without.kld_mean:.6f}: {verdict}")
+    extra = [flag for flag, on in (("--equalize", s.equalize), ("--gptq COV.safetensors", s.gptq)) if on]
+    lines += ["", "measured on the calibration text" + (f" (with {' '.join(extra)}):" if extra else ":"),
               format_result(s.measured)]
     rules = " ".join(f"--rule '{r}'" for r in s.rules)
-    flags = "--imatrix IMATRIX.gguf" + (" --equalize" if s.equalize else "")
+    flags = " ".join(["--imatrix IMATRIX.gguf", *extra])
     lines += ["", f"build: coder-quant build SRC_DIR OUT.gguf --recipe bf16 {flags} {rules}"]
     return "\n".join(lines)
 
@@ -106,6 +115,7 @@ def run(args: argparse.Namespace) -> int:
         threads=args.threads,
         progress=lambda msg: print(msg, file=sys.stderr, flush=True),
         try_equalize=args.try_equalize,
+        gptq=args.gptq,
     )
     print(render(result))
     return 0
