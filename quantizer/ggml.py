@@ -98,7 +98,7 @@ class _TypeTraits(ctypes.Structure):
 _TO_FLOAT = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)
 
 
-def _library_path() -> Path:
+def library_path() -> Path:
     """The libggml-base file that libllama itself loads. Wheels hold copies, not links, of the versioned
     names; libllama needs `libggml-base.so.0`, and opening `libggml-base.so` after it would map a second
     copy of ggml into the process (before it, the loader matches the copy's soname and shares it)."""
@@ -115,7 +115,7 @@ def _library_path() -> Path:
 
 @functools.cache
 def _lib() -> ctypes.CDLL:
-    lib = ctypes.CDLL(str(_library_path()))
+    lib = ctypes.CDLL(str(library_path()))
     c = ctypes
     lib.ggml_quantize_chunk.argtypes = [c.c_int, c.c_void_p, c.c_void_p, c.c_int64, c.c_int64, c.c_int64, c.c_void_p]
     lib.ggml_quantize_chunk.restype = c.c_size_t

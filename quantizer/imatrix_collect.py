@@ -14,7 +14,6 @@ GGUF keys and layout (quantizer.imatrix.write_imatrix_gguf).
 from __future__ import annotations
 
 import ctypes
-import importlib.util
 import logging
 import sys
 import sysconfig
@@ -26,6 +25,7 @@ import numpy as np
 
 from quantizer.errors import ImatrixError
 from quantizer.evaluate import LlamaSession, chunk_tokens
+from quantizer.ggml import library_path as ggml_library_path
 
 log = logging.getLogger(__name__)
 
@@ -94,14 +94,7 @@ GgmlTensor._fields_ = [
 
 
 def _ggml_base() -> ctypes.CDLL:
-    spec = importlib.util.find_spec("llama_cpp")
-    if spec is None or spec.origin is None:
-        raise ImatrixError("llama-cpp-python is not installed")
-    lib_dir = Path(spec.origin).parent / "lib"
-    found = sorted(lib_dir.glob("libggml-base.*")) + sorted(lib_dir.glob("ggml-base.dll"))
-    if not found:
-        raise ImatrixError(f"libggml-base not found in {lib_dir}")
-    lib = ctypes.CDLL(str(found[0]))
+    lib = ctypes.CDLL(str(ggml_library_path()))  # the copy libllama uses (see quantizer.ggml)
     lib.ggml_nbytes.argtypes = [ctypes.POINTER(GgmlTensor)]
     lib.ggml_nbytes.restype = ctypes.c_size_t
     lib.ggml_backend_buffer_is_host.argtypes = [ctypes.c_void_p]
