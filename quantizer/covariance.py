@@ -7,8 +7,8 @@ matrix is the diagonal of these.
 
 The file is safetensors: `<tensor name>.cov` (n_expert, n, n) float32 means and `<tensor name>.count`
 (n_expert,) int64 token counts, and metadata naming the format, the calibration text, the chunk count
-and the chunk size. The size is n_layer x n_expert x (n_embd^2 + n_ff^2) x 4 bytes: 2.6 MB for the
-reference model, about 400 GB for Qwen3-Coder-Next (2048^2 per expert for gate/up), so collection
+and the chunk size. The size is n_layer x n_expert x (n_embd^2 + n_ff^2) x 4 bytes: 33.6 MB for the
+reference model, about 440 GB for Qwen3-Coder-Next (2048^2 per expert for gate/up), so collection
 stops with an error once the sums would pass `limit` bytes (they are held in float64 while running).
 """
 
