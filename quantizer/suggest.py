@@ -107,7 +107,7 @@ class Suggestion:
     equalize: bool = False
     other: EvalResult | None = None  # the same rules the other way (with or without equalization)
     gptq: bool = False  # the proposal rounds its IQ4_XS experts by GPTQ (build --gptq)
-    without_gptq: EvalResult | None = None  # the proposal's rules without GPTQ, when it was tried
+    gptq_pair: tuple[EvalResult, EvalResult] | None = None  # (with, without) GPTQ, both unequalized
 
 
 def expert_groups(specs: Iterable[TensorSpec], granularity: Granularity) -> list[Group]:
@@ -315,20 +315,28 @@ def suggest(
         allocation = allocate(options, split.expert_budget)
         rules = rules_for(groups, allocation)
         report("measuring the suggested recipe")
-        measured, other, equalize = ws.measure(rules, "suggested"), None, False
-        if try_equalize and ws.can_equalize(specs, rules):
-            report("measuring it with up/down equalization")
-            equalized = ws.measure(rules, "suggested-equalized", equalize=True)
-            equalize = equalized.kld_mean < measured.kld_mean - max(equalized.kld_mean_unc, measured.kld_mean_unc)
-            measured, other = (equalized, measured) if equalize else (measured, equalized)
-        rounded, without_gptq = False, None
+        measured = ws.measure(rules, "suggested")
+        # GPTQ first, then equalization on top of whatever was chosen: the two interact (equalization
+        # changes down's input scales, which GPTQ then rounds against).
+        rounded, gptq_pair = False, None
         if gptq is not None and {t for _, t in allocation.choice} == {"iq4_xs"}:
             report("measuring it with GPTQ rounding")
-            with_gptq = ws.measure(rules, "suggested-gptq", equalize=equalize, gptq=Path(gptq))
-            rounded = with_gptq.kld_mean < measured.kld_mean - max(with_gptq.kld_mean_unc, measured.kld_mean_unc)
-            measured, without_gptq = (with_gptq, measured) if rounded else (measured, with_gptq)
+            with_gptq = ws.measure(rules, "suggested-gptq", gptq=Path(gptq))
+            rounded, gptq_pair = _clearly_lower(with_gptq, measured), (with_gptq, measured)
+            measured = with_gptq if rounded else measured
         elif gptq is not None:
             report("GPTQ not tried: it rounds IQ4_XS experts only")
+        other, equalize = None, False
+        if try_equalize and ws.can_equalize(specs, rules):
+            report("measuring it with up/down equalization")
+            equalized = ws.measure(rules, "suggested-equalized", equalize=True, gptq=Path(gptq) if rounded else None)
+            equalize = _clearly_lower(equalized, measured)
+            measured, other = (equalized, measured) if equalize else (measured, equalized)
     uniform = best_uniform(options, split.expert_budget)
     return Suggestion(rules, allocation, split, tuple(options), uniform, measured, equalize, other,
-                      rounded, without_gptq)
+                      rounded, gptq_pair)
+
+
+def _clearly_lower(a: EvalResult, b: EvalResult) -> bool:
+    """Whether a's mean KLD is below b's by more than the larger of their standard errors."""
+    return a.kld_mean < b.kld_mean - max(a.kld_mean_unc, b.kld_mean_unc)

@@ -75,15 +75,16 @@ def render(s: Suggestion) -> str:
     ]
     if s.uniform is not None:
         lines.append(f"     the best single type that fits, {s.uniform[0]}, sums to {s.uniform[1]:.6f}")
+    if s.gptq_pair is not None:
+        with_gptq, without = s.gptq_pair
+        verdict = "lower by more than one standard error: proposed" if s.gptq else "not clearly lower: not proposed"
+        lines.append(f"     with GPTQ rounding (--gptq) mean KLD {with_gptq.kld_mean:.6f}, without "
+                     f"{without.kld_mean:.6f}: {verdict}")
     if s.other is not None:
         with_eq, without = (s.measured, s.other) if s.equalize else (s.other, s.measured)
         verdict = "lower by more than one standard error: proposed" if s.equalize else "not clearly lower: not proposed"
-        lines.append(f"     with up/down equalization (--equalize) mean KLD {with_eq.kld_mean:.6f}, without "
-                     f"{without.kld_mean:.6f}: {verdict}")
-    if s.without_gptq is not None:
-        with_gptq, without = (s.measured, s.without_gptq) if s.gptq else (s.without_gptq, s.measured)
-        verdict = "lower by more than one standard error: proposed" if s.gptq else "not clearly lower: not proposed"
-        lines.append(f"     with GPTQ rounding (--gptq) mean KLD {with_gptq.kld_mean:.6f}, without "
+        on_top = " on top of --gptq" if s.gptq else ""
+        lines.append(f"     with up/down equalization (--equalize{on_top}) mean KLD {with_eq.kld_mean:.6f}, without "
                      f"{without.kld_mean:.6f}: {verdict}")
     extra = [flag for flag, on in (("--equalize", s.equalize), ("--gptq COV.safetensors", s.gptq)) if on]
     lines += ["", "measured on the calibration text" + (f" (with {' '.join(extra)}):" if extra else ":"),

@@ -165,12 +165,13 @@ def test_render_says_why_gptq_is_or_is_not_proposed() -> None:
     base = dict(rules=("class:routed_expert=iq4_xs",), allocation=alloc, split=Split(10, 0, 1000),
                 options=(Option("g0", "iq4_xs", 1000, 0.01),), uniform=None)  # fmt: skip
     chosen = render(Suggestion(**base, measured=_result(0.007, 0.0001), equalize=True, other=_result(0.0075, 0.0001),
-                               gptq=True, without_gptq=_result(0.008, 0.0001)))
-    assert "with GPTQ rounding (--gptq) mean KLD 0.007000, without 0.008000: lower by more" in chosen
+                               gptq=True, gptq_pair=(_result(0.0075, 0.0001), _result(0.008, 0.0001))))
+    assert "with GPTQ rounding (--gptq) mean KLD 0.007500, without 0.008000: lower by more" in chosen
+    assert "(--equalize on top of --gptq) mean KLD 0.007000, without 0.007500: lower by more" in chosen
     assert "(with --equalize --gptq COV.safetensors):" in chosen
     assert chosen.splitlines()[-1].startswith("build: coder-quant build SRC_DIR OUT.gguf --recipe bf16 --imatrix "
                                               "IMATRIX.gguf --equalize --gptq COV.safetensors --rule")
     declined = render(Suggestion(**base, measured=_result(0.008, 0.0002), gptq=False,
-                                 without_gptq=_result(0.0079, 0.0002)))
+                                 gptq_pair=(_result(0.0079, 0.0002), _result(0.008, 0.0002))))
     assert "mean KLD 0.007900, without 0.008000: not clearly lower: not proposed" in declined
     assert "--gptq" not in declined.splitlines()[-1]
