@@ -14,7 +14,6 @@ stops with an error once the sums would pass `limit` bytes (they are held in flo
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from safetensors.numpy import load_file, save_file
 from threadpoolctl import threadpool_limits
 
 from quantizer.errors import ImatrixError, QuantError
+from quantizer.evaluate import sha256_file
 from quantizer.imatrix_collect import ActivationCollector, GgmlTensor
 
 FORMAT = "coder-quant expert input covariance v1"
@@ -123,5 +123,4 @@ def load_covariances(path: str | Path) -> Covariances:
         c = counts[name]
         if m.ndim != 3 or m.shape[1] != m.shape[2] or c.shape != (m.shape[0],) or not np.isfinite(m).all():
             raise QuantError(f"{path}: {name} has a malformed covariance {m.shape} / counts {c.shape}")
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    return Covariances(path, digest, means, counts)
+    return Covariances(path, sha256_file(path), means, counts)

@@ -23,8 +23,10 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from quantizer import ggml
 from quantizer.covariance import Covariances
@@ -97,28 +99,42 @@ def inverse_cholesky_upper(h: np.ndarray) -> np.ndarray:
     return np.swapaxes(np.linalg.cholesky(h_inv), -1, -2)
 
 
-def gptq_indices(w: np.ndarray, h: np.ndarray, scales: np.ndarray, *, damp: float = 0.01,
-                 act_order: bool = False, block: int = 128) -> np.ndarray:
-    """GPTQ over the columns of a stack of matrices with fixed per-sub-block scales.
+@dataclass(frozen=True)
+class Factored:
+    """A stack of input covariances prepared for GPTQ: the column order and the upper Cholesky factor
+    of the damped, reordered H^-1. Computed once per covariance, it serves every matrix and pass
+    that reads that input (gate and up share one)."""
 
-    w: (E, rows, cols) weights; h: (E, cols, cols) input covariance (undamped); scales: (E, rows,
-    cols//32) as iq4_xs_fields returns them. Returns the grid indices (E, rows, cols), uint8.
-    Columns are visited in order, or by decreasing diag(H) with `act_order`; errors reach the
-    columns not yet visited through the upper Cholesky factor of (damped H)^-1, `block` at a time.
-    """
-    n_mat, rows, cols = w.shape
-    if h.shape != (n_mat, cols, cols) or scales.shape != (n_mat, rows, cols // SUB):
-        raise ValueError(f"shapes do not fit: w {w.shape}, h {h.shape}, scales {scales.shape}")
-    col_scale = np.repeat(scales.astype(np.float64), SUB, axis=-1)
+    order: np.ndarray  # (E, cols): columns in the order they are rounded
+    upper: np.ndarray  # (E, cols, cols)
+
+
+def factor(h: np.ndarray, *, damp: float = DAMP, act_order: bool = True) -> Factored:
+    """Columns by decreasing diag(H) with `act_order` (else in order), and U with U^T U = (H + damping)^-1
+    in that order."""
+    n_mat, cols, _ = h.shape
     if act_order:
         order = np.argsort(-np.einsum("eii->ei", h), axis=-1, kind="stable")
     else:
         order = np.broadcast_to(np.arange(cols), (n_mat, cols))
+    hp = np.take_along_axis(np.take_along_axis(h, order[:, :, None], axis=1), order[:, None, :], axis=2)
+    return Factored(order, inverse_cholesky_upper(damped(hp, damp)))
+
+
+def gptq_indices(w: np.ndarray, factored: Factored, scales: np.ndarray, *, block: int = 128) -> np.ndarray:
+    """GPTQ over the columns of a stack of matrices with fixed per-sub-block scales.
+
+    w: (E, rows, cols) weights; `factored`: their input covariance (see `factor`); scales: (E, rows,
+    cols//32) as iq4_xs_fields returns them. Returns the grid indices (E, rows, cols), uint8. Each
+    column's rounding error reaches the columns not yet visited through the factor, `block` at a time.
+    """
+    n_mat, rows, cols = w.shape
+    order, upper = factored.order, factored.upper
+    if upper.shape != (n_mat, cols, cols) or scales.shape != (n_mat, rows, cols // SUB):
+        raise ValueError(f"shapes do not fit: w {w.shape}, H {upper.shape}, scales {scales.shape}")
     take = order[:, None, :]
     work = np.take_along_axis(w.astype(np.float64), take, axis=2)
-    col_scale = np.take_along_axis(col_scale, take, axis=2)
-    hp = np.take_along_axis(np.take_along_axis(h, order[:, :, None], axis=1), order[:, None, :], axis=2)
-    upper = inverse_cholesky_upper(damped(hp, damp))
+    col_scale = np.take_along_axis(np.repeat(scales.astype(np.float64), SUB, axis=-1), take, axis=2)
     safe = np.where(col_scale != 0, col_scale, 1.0)
     out = np.empty((n_mat, rows, cols), dtype=np.uint8)
     for first in range(0, cols, block):
@@ -164,13 +180,11 @@ def shrunk_covariance(means: np.ndarray, counts: np.ndarray, shrink: float) -> n
     return (n[:, None, None] * means + shrink * shared) / (n[:, None, None] + shrink)
 
 
-def gptq_tensor(w: np.ndarray, h: np.ndarray, h_used: np.ndarray, seen: np.ndarray, qtype: str,
+def gptq_tensor(w: np.ndarray, h: np.ndarray, factored: Factored, seen: np.ndarray, qtype: str,
                 threads: int, passes: int = PASSES) -> tuple[np.ndarray, np.ndarray]:
     """(values, importance) for llama.cpp's quantizer: grid values GPTQ chose with the scales llama.cpp
     picked for the previous pass's values. Experts no token reached (`seen` False) keep llama.cpp's
-    own rounding. `h` gives the importance (its diagonal), `h_used` the GPTQ updates."""
-    from threadpoolctl import threadpool_limits  # only builds with --gptq need it
-
+    own rounding. `h` gives the importance (its diagonal), `factored` the GPTQ updates."""
     n_mat, rows, cols = w.shape
     importance = np.ascontiguousarray(np.einsum("eii->ei", h), dtype=np.float32)
     importance[~seen] = 1.0
@@ -179,10 +193,8 @@ def gptq_tensor(w: np.ndarray, h: np.ndarray, h_used: np.ndarray, seen: np.ndarr
         raw = ggml.quantize(target, qtype, importance, threads).reshape(n_mat, -1)
         fields = [iq4_xs_fields(raw[e], rows, cols) for e in range(n_mat)]
         scales, plain = np.stack([f[0] for f in fields]), np.stack([f[1] for f in fields])
-        # One BLAS thread: the factorizations are many and small, and OpenBLAS's threads, on cores that
-        # are busy anyway, made them 250x slower on a 2-core machine (16 ms -> 4.1 s for 16 of 256 x 256).
         with threadpool_limits(limits=1, user_api="blas"):
-            indices = gptq_indices(w, h_used, scales, damp=DAMP, act_order=True)
+            indices = gptq_indices(w, factored, scales)
         indices[~seen] = plain[~seen]
         target = iq4_xs_values(scales, indices)
     return target, importance
@@ -201,6 +213,7 @@ class GptqRounder:
         self.layers = tuple(sorted({m.group(1) for name in types if (m := _EXPERT.match(name))
                                     and types[name] == "iq4_xs" and covariances.has_layer(m.group(1))}))
         self._cov, self._equalizer, self._shrink, self._threads = covariances, equalizer, shrink, threads
+        self._factored: tuple[tuple[str, str], Factored] | None = None
 
     def apply(self, spec: TensorSpec, values: np.ndarray, weights: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
         if self._equalizer is not None:
@@ -213,8 +226,14 @@ class GptqRounder:
         if kind == "down" and self._equalizer is not None and layer in self._equalizer.layers:
             s = self._equalizer.scales_of(layer).astype(np.float64)  # down's input is h / s now
             h = h / s[:, :, None] / s[:, None, :]
-        values, importance = gptq_tensor(values, h, shrunk_covariance(h, counts, self._shrink), counts > 0,
-                                         "iq4_xs", self._threads)
+        key = (layer, "down" if kind == "down" else "up")  # gate and up, streamed one after the other, share it
+        if self._factored is None or self._factored[0] != key:
+            # One BLAS thread: the factorizations are many and small, and OpenBLAS's threads, on cores
+            # that are busy anyway, made them 250x slower on a 2-core machine (16 ms -> 4.1 s for 16 of
+            # 256 x 256).
+            with threadpool_limits(limits=1, user_api="blas"):
+                self._factored = key, factor(shrunk_covariance(h, counts, self._shrink))
+        values, importance = gptq_tensor(values, h, self._factored[1], counts > 0, "iq4_xs", self._threads)
         log.info("%s: GPTQ-rounded (%d of %d experts had calibration tokens)", spec.name, int((counts > 0).sum()),
                  len(counts))
         return values, importance

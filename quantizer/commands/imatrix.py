@@ -9,18 +9,11 @@ from pathlib import Path
 from tqdm import tqdm
 
 from quantizer.commands.eval import read_text
+from quantizer.commands.suggest import size_argument
 from quantizer.covariance import DEFAULT_LIMIT, CovarianceCollector, write_covariances
 from quantizer.errors import QuantError
 from quantizer.imatrix import write_imatrix_gguf
 from quantizer.imatrix_collect import collect_imatrix, default_calibration_text
-from quantizer.suggest import SuggestError, parse_size
-
-
-def _size(text: str) -> int:
-    try:
-        return parse_size(text)
-    except SuggestError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -40,7 +33,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--covariance", type=Path, default=None, metavar="COV.safetensors",
                    help="also write each routed expert's input covariance, for `build --gptq` (needs RAM: "
                    "n_layer x n_expert x (n_embd^2 + n_ff^2) x 8 bytes while collecting)")
-    p.add_argument("--covariance-limit", type=_size, default=DEFAULT_LIMIT, metavar="SIZE",
+    p.add_argument("--covariance-limit", type=size_argument, default=DEFAULT_LIMIT, metavar="SIZE",
                    help="stop with an error if the covariances would need more memory than this (default 8GiB)")
     p.add_argument("--force", action="store_true", help="overwrite OUT.gguf if it exists")
     p.set_defaults(handler=run)

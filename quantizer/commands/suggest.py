@@ -13,7 +13,8 @@ from quantizer.imatrix_collect import default_calibration_text
 from quantizer.suggest import EXPERT_TYPES, SuggestError, Suggestion, parse_size, suggest
 
 
-def _size(text: str) -> int:
+def size_argument(text: str) -> int:
+    """argparse type for sizes such as 24GiB (quantizer.suggest.parse_size)."""
     try:
         return parse_size(text)
     except SuggestError as exc:
@@ -30,9 +31,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "14805408, 12MB (10^6), 12MiB or 12M (2^20).",
     )
     p.add_argument("source", type=Path, metavar="SRC_DIR", help="Hugging Face checkpoint folder")
-    p.add_argument("--ram-budget", required=True, type=_size, metavar="SIZE",
+    p.add_argument("--ram-budget", required=True, type=size_argument, metavar="SIZE",
                    help="system RAM for the weights (everything, without --vram-budget)")
-    p.add_argument("--vram-budget", type=_size, default=None, metavar="SIZE",
+    p.add_argument("--vram-budget", type=size_argument, default=None, metavar="SIZE",
                    help="GPU memory: attention, SSM and shared-expert tensors go there, routed experts stay in RAM")
     p.add_argument("--text", type=Path, default=None, help="calibration text (default: Python stdlib sources)")
     p.add_argument("--imatrix", type=Path, default=None, help="importance matrix to use (default: collect one)")

@@ -18,6 +18,7 @@ from quantizer.evaluate import evaluate
 from quantizer.gptq import (
     KVALUES,
     SUB,
+    factor,
     gptq_indices,
     h_error,
     iq4_xs_fields,
@@ -55,7 +56,7 @@ def test_identity_covariance_is_plain_nearest_rounding() -> None:
     w = rng.standard_normal((2, 4, 256))
     scales = np.abs(rng.standard_normal((2, 4, 256 // SUB))) / 50 + 0.01
     h = np.broadcast_to(np.eye(256), (2, 256, 256)).copy()
-    got = gptq_indices(w, h, scales, damp=0.0)
+    got = gptq_indices(w, factor(h, damp=0.0, act_order=False), scales)
     assert np.array_equal(got, nearest_index(w / np.repeat(scales, SUB, axis=-1)))
 
 
@@ -67,7 +68,7 @@ def test_gptq_lowers_the_output_error_with_llama_cpp_scales() -> None:
     raw = ggml.quantize(w, "iq4_xs", importance, 2).reshape(4, -1)
     fields = [iq4_xs_fields(raw[e], 16, 256) for e in range(4)]
     scales, plain = np.stack([f[0] for f in fields]), np.stack([f[1] for f in fields])
-    rounded = gptq_indices(w, h, scales, act_order=True)
+    rounded = gptq_indices(w, factor(h), scales)
     before = h_error(iq4_xs_values(scales, plain), w, h)
     after = h_error(iq4_xs_values(scales, rounded), w, h)
     assert (after < 0.9 * before).all(), after / before
