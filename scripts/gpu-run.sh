@@ -10,6 +10,7 @@
 #   scripts/gpu-run.sh python               # print the interpreter the phases install into and use
 #   scripts/gpu-run.sh levers [options...]  # bench/gpu_levers.py --out "$OUT" [options...]: speed levers
 #   scripts/gpu-run.sh loadcheck [args...]  # scripts/load_check.py: which placement/mmap/repack loads crash
+#   scripts/gpu-run.sh http MODEL [opts] -- [serve flags]  # bench/http_overhead.py --out "$OUT": HTTP vs raw, one process
 #
 # Results go to $OUT (default .offline-bundle/out): gpu-bench.json, gpu-bench.md, plus the server logs.
 # Installs into the active virtual environment, or else into .venv (created with
@@ -97,8 +98,16 @@ levers() {
     "$py" bench/gpu_levers.py --out "$OUT" --work build/gpu-bench "$@"
 }
 
+http_overhead() {
+    local py
+    py=$(pick_python)
+    mkdir -p "$OUT"
+    "$py" bench/http_overhead.py --out "$OUT" "$@"
+}
+
 case "$phase" in
     deps) deps ;;
+    http) http_overhead "$@" ;;
     python) pick_python ;;  # the interpreter the other phases use
     levers) levers "$@" ;;
     loadcheck) "$(pick_python)" scripts/load_check.py "$@" ;;
@@ -106,5 +115,5 @@ case "$phase" in
     bench) bench "$@" ;;
     test) run_tests "$@" ;;
     all) install && bench "$@" ;;
-    *) fail "usage: $0 [install|deps|bench|levers|loadcheck|all|test] [options...]" ;;
+    *) fail "usage: $0 [install|deps|bench|levers|http|loadcheck|all|test] [options...]" ;;
 esac

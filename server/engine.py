@@ -367,6 +367,12 @@ class Engine:
                     reason = "stop"
                     break
                 n_gen += 1
+                # llama_decode returns before the GPU finishes, so the next step can be queued before this
+                # token's text is handled, and that work overlaps the GPU's. Only where nothing still to do
+                # could end the generation (a stop string) or needs this step's logits (logprobs).
+                queued = n_gen < limit and not p.stop and not p.logprobs
+                if queued:
+                    llama.eval([token])
                 piece = self.piece(token)
                 if p.logprobs:
                     logprobs.append(token_logprob(llama.ctx, info.n_vocab, token, p.top_logprobs, self.piece))
@@ -377,7 +383,7 @@ class Engine:
                 if text.stopped:
                     reason = "stop"
                     break
-                if n_gen < limit:
+                if n_gen < limit and not queued:
                     llama.eval([token])
         tail = text.flush() if reason != "cancelled" else ""
         if tail or logprobs:

@@ -80,6 +80,17 @@ def test_stop_string_and_usage(engine: Engine) -> None:
         assert cut == full[: full.index(full[2:4])] and done.reason == "stop"
 
 
+def test_the_context_never_runs_ahead_of_the_generation(engine: Engine) -> None:
+    """The next step may be queued before a token's text is handled, but only where no stop string can
+    end the generation there: either way the context holds every generated token but the last."""
+    prompt = engine.tokenize("def add(a, b):\n")
+    full, done = asyncio.run(run(engine, prompt, 10))
+    assert done.reason == "length" and engine._llama.n_tokens == len(prompt) + 9
+    if len(full) > 4:
+        _, done = asyncio.run(run(engine, prompt, 10, stop=(full[2:4],)))
+        assert done.reason == "stop" and engine._llama.n_tokens == len(prompt) + done.usage.completion_tokens - 1
+
+
 def test_admission_checks(engine: Engine) -> None:
     async def scenario() -> None:
         with pytest.raises(InvalidRequest):
