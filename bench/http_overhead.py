@@ -77,12 +77,10 @@ class InProcessServer:
 
         self.settings = settings_from_args(build_parser().parse_args([*serve_argv, "--port", str(port)]))
         self.port = port
-        self.llm: Any = None
-        self.summary: dict[str, Any] = {}
-        load = model_factory(self.settings)
+        # Loaded here, on the main thread, before the server starts; the engine is handed the result.
+        self.llm, self.summary = model_factory(self.settings)()
 
         def keep_handle() -> tuple[Any, dict[str, Any]]:
-            self.llm, self.summary = load()
             return self.llm, self.summary
 
         self.engine = Engine(keep_handle, max_queue=self.settings.max_queue,

@@ -25,7 +25,7 @@ DEFAULT = {name: field.default for name, field in Settings.model_fields.items()}
 FLAG_FIELDS = (
     "host", "port", "gpu_layers", "cpu_moe_layers", "ctx_size", "threads", "batch", "alias",
     "api_key", "max_queue", "max_body_bytes", "log_level", "cache_dir", "cache_ram",
-    "vram_budget", "threads_batch", "ubatch", "mmap", "repack", "host_buffer", "flash_attn",
+    "vram_budget", "threads_batch", "ubatch", "mmap", "repack", "host_buffer", "flash_attn", "pin_threads",
 )
 
 
@@ -66,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep weights in RAM in the GPU's pinned host memory, so prompts use the GPU (default "
                    "on); --no-host-buffer lets them be repacked for faster CPU decoding instead")
     p.add_argument("--flash-attn", action=argparse.BooleanOptionalAction, help="flash attention (default: llama.cpp's)")
+    p.add_argument("--pin-threads", action=argparse.BooleanOptionalAction,
+                   help="bind llama.cpp's CPU threads one per core (OpenMP; default off)")
     p.add_argument("--cache-ram", metavar="SIZE",
                    help="RAM for prompt checkpoints of hybrid/recurrent models, e.g. 2GiB; 0 turns them off "
                         f"(default {DEFAULT['cache_ram'] >> 30}GiB)")
@@ -161,6 +163,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.plan:
         return _plan(settings, args.json)
+    if settings.pin_threads:
+        from server.affinity import PinningError, pin_llama_threads
+
+        try:
+            pinned = pin_llama_threads()
+        except PinningError as exc:
+            print(f"coder-serve: error: {exc}", file=sys.stderr)
+            return 2
+        logging.getLogger("server").info("llama.cpp's CPU threads bound one per core (%s)",
+                                         ", ".join(f"{k}={v}" for k, v in pinned.items()))
     return _serve(settings)
 
 

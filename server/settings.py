@@ -70,6 +70,8 @@ class Settings(BaseSettings):
     # are multiplied on the GPU; False lets llama.cpp put them in its repacked CPU layouts instead (faster
     # decoding for types that have one; prompts then run on the CPU). llama.cpp's `no_host`, inverted.
     host_buffer: bool = True
+    # bind llama.cpp's CPU threads one per core (OpenMP's OMP_PROC_BIND=close, OMP_PLACES=cores; server.affinity)
+    pin_threads: bool = False
     verbose: bool = False  # pass llama.cpp's own log through
     seed: int = Field(0xFFFFFFFF, ge=0, le=0xFFFFFFFF)  # sampling seed when a request has none; max = random
     # RAM for prompt checkpoints of models with a recurrent state (e.g. "4GiB"); 0 turns the cache off.

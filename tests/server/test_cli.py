@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -97,21 +98,25 @@ def _serve(argv: list[str]) -> subprocess.Popen[str]:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
+def _wait_healthy(proc: subprocess.Popen[str], port: int) -> httpx.Response:
+    deadline = time.monotonic() + 120
+    while True:
+        assert proc.poll() is None, proc.stdout.read()
+        try:
+            health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=5)
+            if health.status_code == 200:
+                return health
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, "server did not become healthy"
+        time.sleep(0.1)
+
+
 def test_serves_over_http_then_stops_cleanly(test_gguf: Path) -> None:
     port = _free_port()
     proc = _serve([str(test_gguf), "--port", str(port), "--threads", "1", "--ctx-size", "512", "--alias", "cli-model"])
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=5)
-                if health.status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "server did not become healthy"
-            time.sleep(0.1)
+        health = _wait_healthy(proc, port)
         assert health.json()["model"] == "cli-model"
         reply = httpx.post(f"http://127.0.0.1:{port}/v1/completions",
                            json={"model": "cli-model", "prompt": "x", "max_tokens": 2, "temperature": 0}, timeout=60)
@@ -131,3 +136,49 @@ def test_a_model_that_fails_to_load_stops_the_server(tmp_path: Path) -> None:
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 1
     assert "coder-serve: error:" in out
+
+
+def _thread_cpus(pid: int) -> dict[int, str]:
+    """Each thread of a process and the CPUs it may run on (Cpus_allowed_list)."""
+    out = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        status = (task / "status").read_text()
+        out[int(task.name)] = next(line.split(":", 1)[1].strip() for line in status.splitlines()
+                                   if line.startswith("Cpus_allowed_list"))
+    return out
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2,
+                    reason="binding threads one per core needs Linux and two CPUs")
+@pytest.mark.parametrize("pin", [True, False])
+def test_pin_threads_binds_llama_threads_one_per_core_and_leaves_the_server_free(test_gguf: Path, pin: bool) -> None:
+    port = _free_port()
+    flags = ["--pin-threads"] if pin else []
+    proc = _serve([str(test_gguf), "--port", str(port), "--threads", "2", "--ctx-size", "512", "--alias", "m", *flags])
+    try:
+        _wait_healthy(proc, port)
+        reply = httpx.post(f"http://127.0.0.1:{port}/v1/completions",
+                           json={"model": "m", "prompt": "def f(x):", "max_tokens": 4, "temperature": 0}, timeout=60)
+        assert reply.status_code == 200
+        cpus = _thread_cpus(proc.pid)
+    finally:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=60)
+    everything = _thread_cpus(os.getpid())[threading.get_native_id()]
+    single = sorted(c for c in cpus.values() if c.isdigit())
+    assert cpus[proc.pid] == everything, out  # the main thread (uvicorn's) keeps every CPU
+    if pin:
+        # the engine's thread and llama.cpp's worker: one core each, not the same one
+        assert len(single) >= 2 and len(set(single)) >= 2, cpus
+        assert "bound one per core (OMP_PROC_BIND=close, OMP_PLACES=cores)" in out
+    else:
+        assert not single, cpus
+
+
+def test_pin_threads_once_llama_cpp_is_loaded_is_refused_in_one_line(test_gguf: Path,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    import llama_cpp  # noqa: F401  (loaded, as in this test process: OpenMP has read its settings already)
+
+    assert main([str(test_gguf), "--pin-threads"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "before llama.cpp is loaded" in err
