@@ -4,8 +4,9 @@
 #
 #   scripts/native-backtrace.sh python -m pytest -q tests/server/test_loader.py
 #
-# Output: the command's own output, then, after a crash, "native backtrace: ..." with the raw frames and
-# a resolved copy. The exit status is the command's.
+# Output: the command's standard output as it comes, its standard error when it ends (after a crash with
+# "native backtrace: ..." and the raw frames), then a resolved copy of the frames. The exit status is the
+# command's.
 set -uo pipefail
 
 cd "$(dirname "$0")/.."
@@ -17,9 +18,10 @@ if [ ! -f "$lib" ] || [ scripts/segv_backtrace.c -nt "$lib" ]; then
         || { echo "native-backtrace: cc failed" >&2; exit 2; }
 fi
 log=$(mktemp)
-LD_PRELOAD="$PWD/$lib${LD_PRELOAD:+:$LD_PRELOAD}" "$@" 2> >(tee "$log" >&2)
+# standard error goes to a file and is shown when the command ends, so the frames are all there to read
+LD_PRELOAD="$PWD/$lib${LD_PRELOAD:+:$LD_PRELOAD}" "$@" 2> "$log"
 status=$?
-sleep 0.2  # let tee finish
+cat "$log" >&2
 if grep -q "^native backtrace:" "$log"; then
     echo "native-backtrace: frames resolved:" >&2
     # frames look like /path/lib.so(symbol+0x1f) [0x7f...] or /path/lib.so(+0x1234) [0x7f...]
