@@ -385,6 +385,10 @@ def open_model(path: str, settings: Any, **llama_kwargs: Any) -> tuple[llama_cpp
         "host_buffer": host_buffer,
         "batch": kwargs["n_batch"],
         "ubatch": kwargs["n_ubatch"],
+        "threads": kwargs["n_threads"],
+        "threads_batch": kwargs["n_threads_batch"],
+        # OpenMP's binding as llama.cpp's threads run it (`--pin-threads` sets "close"); None: not bound
+        "thread_binding": os.environ.get("OMP_PROC_BIND"),
         "ctx_size": plan.ctx_size,
         "gpu_bytes": plan.gpu_bytes,
         "cpu_bytes": plan.cpu_bytes,

@@ -93,7 +93,8 @@ def _free_port() -> int:
 
 
 def _serve(argv: list[str]) -> subprocess.Popen[str]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    # without OpenMP settings from outside: the tests decide whether threads are bound
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("OMP_")}, "PYTHONPATH": str(ROOT)}
     return subprocess.Popen([sys.executable, "-m", "server.cli", *argv], cwd=ROOT, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
@@ -156,7 +157,8 @@ def test_pin_threads_binds_llama_threads_one_per_core_and_leaves_the_server_free
     flags = ["--pin-threads"] if pin else []
     proc = _serve([str(test_gguf), "--port", str(port), "--threads", "2", "--ctx-size", "512", "--alias", "m", *flags])
     try:
-        _wait_healthy(proc, port)
+        placement = _wait_healthy(proc, port).json()["placement"]
+        assert placement["threads"] == 2 and placement["thread_binding"] == ("close" if pin else None)
         reply = httpx.post(f"http://127.0.0.1:{port}/v1/completions",
                            json={"model": "m", "prompt": "def f(x):", "max_tokens": 4, "temperature": 0}, timeout=60)
         assert reply.status_code == 200
