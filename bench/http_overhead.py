@@ -102,8 +102,6 @@ class InProcessServer:
                     return
             except (OSError, ValueError):
                 pass
-            if self.engine.state == "failed":
-                raise RuntimeError("the model failed to load")
             time.sleep(0.5)
         raise RuntimeError("the server did not become ready in time")
 
@@ -178,6 +176,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     args = p.parse_args(argv)
     if not args.client and not (args.model and args.out):
         p.error("MODEL and --out are required")
+    if not args.client and not Path(args.model).is_file():
+        p.error(f"model file not found: {args.model}")
     if args.decode < 2:
         p.error("--decode must be at least 2")
     return args, serve_argv

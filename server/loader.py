@@ -348,6 +348,10 @@ def open_model(path: str, settings: Any, **llama_kwargs: Any) -> tuple[llama_cpp
                            {t.ggml_type for t in plan.tensors if t.device == "gpu"})
     if warning:
         log.warning("%s", warning)
+    if getattr(settings, "pin_threads", False) and not os.environ.get("OMP_PROC_BIND"):
+        # the CLI sets OpenMP's binding before llama.cpp loads; an app built from Settings elsewhere cannot
+        log.warning("pin_threads has no effect here: OMP_PROC_BIND must be set before llama.cpp is loaded "
+                    "(coder-serve --pin-threads does that)")
     mmap = choose_mmap(settings, plan)
     repack = bool(getattr(settings, "repack", True))
     host_buffer = bool(getattr(settings, "host_buffer", True))

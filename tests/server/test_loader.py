@@ -296,3 +296,17 @@ def test_project_settings_model(tiny_gguf):
     llama, summary = open_model(str(tiny_gguf), Settings(model=tiny_gguf, gpu_layers="none", ctx_size=256))
     assert summary["ctx_size"] == 256 and summary["preset_effective"] == "none"
     assert llama.n_ctx() == 256
+
+
+@pytest.mark.parametrize("bound", [None, "close"])
+def test_pin_threads_without_openmp_binding_in_place_warns(tiny_gguf, monkeypatch, caplog, bound):
+    """Settings used outside the CLI cannot bind threads once llama.cpp is loaded: that is said, not hidden."""
+    if bound is None:
+        monkeypatch.delenv("OMP_PROC_BIND", raising=False)
+    else:
+        monkeypatch.setenv("OMP_PROC_BIND", bound)
+    with caplog.at_level(logging.WARNING, logger="server.loader"):
+        llama, summary = open_model(str(tiny_gguf), settings(gpu_layers="none", pin_threads=True))
+    llama.close()
+    assert ("pin_threads has no effect" in caplog.text) is (bound is None)
+    assert summary["thread_binding"] == bound
