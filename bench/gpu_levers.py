@@ -48,16 +48,17 @@ def build_models(args: argparse.Namespace) -> dict[str, Path]:
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    hf = work / f"hf-{args.shape}-L{args.layers}"
+    stem = f"{args.shape}-L{args.layers}" + (f"-e{args.experts}" if args.experts else "")
+    hf = work / f"hf-{stem}"
     out = {}
     for qtype in args.types:
-        gguf_path = work / f"{args.shape}-L{args.layers}-{qtype}.gguf"
-        if qtype == "iq4_xs" and not gguf_path.exists() and (work / f"{args.shape}-L{args.layers}.gguf").exists():
-            gguf_path = work / f"{args.shape}-L{args.layers}.gguf"  # the placement benchmark's build
+        gguf_path = work / f"{stem}-{qtype}.gguf"
+        if qtype == "iq4_xs" and not gguf_path.exists() and (work / f"{stem}.gguf").exists():
+            gguf_path = work / f"{stem}.gguf"  # the placement benchmark's build
         if not gguf_path.exists():
             if not (hf / "config.json").exists():
                 gpu.log(f"writing synthetic checkpoint {hf}")
-                write_checkpoint(hf, preset=args.shape, layers=args.layers)
+                write_checkpoint(hf, preset=args.shape, layers=args.layers, n_experts=args.experts)
             gpu.log(f"building {gguf_path}")
             t0 = time.perf_counter()
             subprocess.run([sys.executable, "-m", "quantizer.cli", "build", str(hf), str(gguf_path), "--quiet",
@@ -145,7 +146,8 @@ def measure(args: argparse.Namespace, gguf_path: Path, variant: dict[str, Any], 
 def markdown(report: dict[str, Any]) -> str:
     p0, p1 = (str(p) for p in (report["settings"]["prompts"][0], report["settings"]["prompts"][-1]))
     base = next((r for r in report["results"] if "raw" in r), None)
-    lines = [f"# Speed levers, `--gpu-layers attn` ({report['shape']}, {report['layers']} layers)", "",
+    lines = [f"# Speed levers, `--gpu-layers attn` ({report['shape']}, {report['layers']} layers"
+             + (f", {report['experts']} experts a layer" if report.get("experts") else "") + ")", "",
              f"Machine: {json.dumps(report['machine'])}",
              f"Read bandwidth: {report['bandwidth_gb_s']:.1f} GB/s ({report['bandwidth_threads']} threads, numpy; "
              f"the higher of {report.get('bandwidth_before_gb_s', 0):.1f} before and "
@@ -179,6 +181,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--phase", choices=("build", "measure", "all"), default="all")
     p.add_argument("--shape", default="coder-next")
     p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--experts", type=int, default=None,
+                   help="routed experts per layer (default: the shape's); fewer experts keep each token's "
+                        "expert reads but shrink the files, e.g. for all 48 layers of Coder-Next")
+    p.add_argument("--cycles", type=int, default=1, help="run the chosen variants this many times in turn")
     p.add_argument("--types", nargs="+", default=["iq4_xs", "q4_k", "iq4_nl"], choices=sorted(RECIPE_RULES))
     p.add_argument("--threads", nargs="*", type=int, default=[4, 12, 16], help="decode thread counts to try")
     p.add_argument("--ubatch", nargs="*", type=int, default=[1024, 2048, 4096], help="ubatch sizes to try")
@@ -214,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     bandwidth = read_bandwidth()
     report: dict[str, Any] = {"machine": gpu.machine(), "shape": args.shape, "layers": args.layers,
+                              "experts": args.experts,
                               "bandwidth_gb_s": bandwidth / 1e9, "bandwidth_threads": os.cpu_count(),
                               "with_env": dict(args.with_env),
                               "settings": {k: getattr(args, k) for k in ("prompts", "decode", "repeat", "ctx_size", "batch")},
@@ -223,6 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     vocab = gpu.tokenizer_size(next(iter(models.values())))
     chosen = [v for v in variants(args) if v["type"] in models
               and (args.only is None or any(v["label"].startswith(o) for o in args.only))]
+    if args.cycles > 1:  # interleaved, so that a drift of the machine shows in every variant alike
+        chosen = [v | {"label": f"{v['label']} ({c + 1})"} for c in range(args.cycles) for v in chosen]
     for variant in chosen:
         gpu.log(f"variant {variant['label']}")
         result: dict[str, Any] = {"label": variant["label"], "variant": variant,

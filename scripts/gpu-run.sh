@@ -11,6 +11,10 @@
 #   scripts/gpu-run.sh levers [options...]  # bench/gpu_levers.py --out "$OUT" [options...]: speed levers
 #   scripts/gpu-run.sh loadcheck [args...]  # scripts/load_check.py: which placement/mmap/repack loads crash
 #   scripts/gpu-run.sh http MODEL [opts] -- [serve flags]  # bench/http_overhead.py --out "$OUT": HTTP vs raw, one process
+#   scripts/gpu-run.sh pack DIR             # the compiled llama-cpp-python as DIR/llama-cpp-cuda.tar.xz.* (15 MiB parts)
+#
+# A build packed on one machine installs on another of the same image without compiling: put the parts
+# in .offline-bundle/prebuilt/ and `install` unpacks them (and compiles only if that build cannot offload).
 #
 # Results go to $OUT (default .offline-bundle/out): gpu-bench.json, gpu-bench.md, plus the server logs.
 # Installs into the active virtual environment, or else into .venv (created with
@@ -61,8 +65,13 @@ install() {
     deps
     local py
     py=$(pick_python)
-    if "$py" -c 'import llama_cpp, sys; sys.exit(0 if llama_cpp.llama_supports_gpu_offload() else 1)' 2>/dev/null; then
-        echo "gpu-run: llama-cpp-python with GPU offload is already installed"
+    if ! has_gpu_offload "$py" && compgen -G "$DEV/prebuilt/llama-cpp-cuda.tar.xz.*" >/dev/null; then
+        echo "gpu-run: unpacking the prebuilt llama-cpp-python from $DEV/prebuilt"
+        cat "$DEV"/prebuilt/llama-cpp-cuda.tar.xz.* | xz -d | tar -x -C "$(site_dir "$py")" \
+            || echo "gpu-run: warning: the prebuilt package did not unpack" >&2
+    fi
+    if has_gpu_offload "$py"; then
+        echo "gpu-run: llama-cpp-python with GPU offload is installed"
     else
         command -v nvcc >/dev/null || [ -x /usr/local/cuda/bin/nvcc ] || fail "nvcc not found: the CUDA toolkit is needed to compile llama.cpp"
         export PATH="$PATH:/usr/local/cuda/bin"
@@ -73,6 +82,45 @@ install() {
             "$DEV/llama_cpp_python-$LLAMA_VERSION.tar.gz"
     fi
     "$py" -c 'import llama_cpp; assert llama_cpp.llama_supports_gpu_offload(), "no GPU offload"; print("gpu-run: llama.cpp GPU offload: yes")'
+}
+
+has_gpu_offload() {
+    "$1" -c 'import llama_cpp, sys; sys.exit(0 if llama_cpp.llama_supports_gpu_offload() else 1)' 2>/dev/null
+}
+
+site_dir() {
+    "$1" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'
+}
+
+# The installed package with each shared library once (the wheel holds libX.so, libX.so.0 and
+# libX.so.0.N as copies; here the copies become links), compressed and cut into parts that travel.
+pack() {
+    local py dest site
+    py=$(pick_python)
+    dest=${1:?usage: $0 pack DIR}
+    has_gpu_offload "$py" || fail "no llama-cpp-python with GPU offload to pack"
+    site=$(site_dir "$py")
+    [ -d "$site/llama_cpp" ] || fail "llama_cpp is not under $site"
+    "$py" - "$site/llama_cpp/lib" <<'PY'
+import hashlib, os, sys
+lib = sys.argv[1]
+first = {}
+for name in sorted(os.listdir(lib), key=len):
+    path = os.path.join(lib, name)
+    if os.path.islink(path) or not os.path.isfile(path):
+        continue
+    with open(path, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()
+    if digest in first:
+        os.remove(path)
+        os.symlink(first[digest], path)
+    else:
+        first[digest] = name
+PY
+    mkdir -p "$dest"
+    tar -C "$site" --exclude=__pycache__ -cf - llama_cpp $(cd "$site" && ls -d llama_cpp_python-*.dist-info) \
+        | xz -T0 -6 | split -b 15M -d - "$dest/llama-cpp-cuda.tar.xz."
+    ls -l "$dest"/llama-cpp-cuda.tar.xz.*
 }
 
 bench() {
@@ -112,8 +160,9 @@ case "$phase" in
     levers) levers "$@" ;;
     loadcheck) "$(pick_python)" scripts/load_check.py "$@" ;;
     install) install ;;
+    pack) pack "$@" ;;
     bench) bench "$@" ;;
     test) run_tests "$@" ;;
     all) install && bench "$@" ;;
-    *) fail "usage: $0 [install|deps|bench|levers|http|loadcheck|all|test] [options...]" ;;
+    *) fail "usage: $0 [install|deps|bench|levers|http|loadcheck|pack|all|test] [options...]" ;;
 esac
