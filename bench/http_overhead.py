@@ -64,6 +64,40 @@ def raw_decode(llm: Any, prompt: list[int], steps: list[int]) -> float:
     return len(steps) / total
 
 
+class StepTimer:
+    """Seconds the engine spends in one-token Llama.eval calls and in sampling, so that a gap between raw
+    and engine speed can be split into llama.cpp's part (slower decode steps while the server runs) and
+    the engine's own Python between the steps."""
+
+    def __init__(self, llm: Any) -> None:
+        from server.sampler import SamplerChain
+
+        self.totals = {"eval_s": 0.0, "eval_n": 0, "sample_s": 0.0, "sample_n": 0}
+        eval_step, sample = llm.eval, SamplerChain.sample
+
+        def timed_eval(tokens: Any) -> None:
+            t0 = time.perf_counter()
+            eval_step(tokens)
+            if len(tokens) == 1:  # decode steps only, not prompt chunks
+                self.totals["eval_s"] += time.perf_counter() - t0
+                self.totals["eval_n"] += 1
+
+        def timed_sample(chain: Any, ctx: Any) -> int:
+            t0 = time.perf_counter()
+            token = sample(chain, ctx)
+            self.totals["sample_s"] += time.perf_counter() - t0
+            self.totals["sample_n"] += 1
+            return token
+
+        llm.eval = timed_eval
+        SamplerChain.sample = timed_sample
+
+    def since(self, before: dict[str, float]) -> dict[str, float | None]:
+        d = {k: self.totals[k] - before[k] for k in self.totals}
+        return {"engine_eval_ms": 1e3 * d["eval_s"] / d["eval_n"] if d["eval_n"] else None,
+                "engine_sample_ms": 1e3 * d["sample_s"] / d["sample_n"] if d["sample_n"] else None}
+
+
 class InProcessServer:
     """coder-serve's app with its engine, under uvicorn on a thread; keeps a handle on the loaded model."""
 
@@ -79,6 +113,7 @@ class InProcessServer:
         self.port = port
         # Loaded here, on the main thread, before the server starts; the engine is handed the result.
         self.llm, self.summary = model_factory(self.settings)()
+        self.timer = StepTimer(self.llm)
 
         def keep_handle() -> tuple[Any, dict[str, Any]]:
             return self.llm, self.summary
@@ -111,6 +146,12 @@ class InProcessServer:
         self.engine.close()
 
 
+def http_round(srv: InProcessServer, cmd: list[str], timeout: float) -> dict[str, Any]:
+    """The client process's figures, with the engine's eval and sampling time over its requests."""
+    before = dict(srv.timer.totals)
+    return gpu.run_json(cmd, timeout) | srv.timer.since(before)
+
+
 def measure(args: argparse.Namespace, serve_argv: list[str]) -> dict[str, Any]:
     vocab = gpu.tokenizer_size(Path(args.model))
     port = gpu.free_port()
@@ -128,16 +169,17 @@ def measure(args: argparse.Namespace, serve_argv: list[str]) -> dict[str, Any]:
                     "seed": seed + 4}
             cmd = [sys.executable, str(Path(__file__).resolve()), "--client", json.dumps(spec)]
             if r % 2:
-                http, raw = gpu.run_json(cmd, args.load_timeout), raw_decode(srv.llm, prompt, steps)
+                http, raw = http_round(srv, cmd, args.load_timeout), raw_decode(srv.llm, prompt, steps)
             else:
-                raw, http = raw_decode(srv.llm, prompt, steps), gpu.run_json(cmd, args.load_timeout)
+                raw, http = raw_decode(srv.llm, prompt, steps), http_round(srv, cmd, args.load_timeout)
             row = {"round": r, "order": "http first" if r % 2 else "raw first", "raw_tok_s": raw, **http,
                    "http_over_raw": http["http_tok_s"] / raw if http["http_tok_s"] else None}
             gpu.log(json.dumps(row))
             rounds.append(row)
         summary = srv.summary
     medians = {k: statistics.median(x[k] for x in rounds if x[k]) for k in ("raw_tok_s", "http_tok_s", "engine_tok_s",
-                                                                           "http_over_raw")}
+                                                                           "http_over_raw", "engine_eval_ms",
+                                                                           "engine_sample_ms")}
     return {"label": args.label, "machine": gpu.machine(), "model": args.model, "serve_args": serve_argv,
             "prompt": args.prompt, "decode": args.decode, "rounds": rounds, "median": medians,
             "placement": {k: summary.get(k) for k in ("preset_effective", "n_gpu_layers", "batch", "ubatch")}}
@@ -149,13 +191,22 @@ def markdown(report: dict[str, Any]) -> str:
              f"Machine: {json.dumps(report['machine'])}",
              f"coder-serve arguments: `{' '.join(report['serve_args'])}`; prompt {report['prompt']} tokens, "
              f"{report['decode']} decoded", "",
-             "| round | order | raw tok/s | engine tok/s | HTTP tok/s | HTTP/raw |", "|---|---|---|---|---|---|"]
-    for r in report["rounds"]:
+             "| round | order | raw tok/s | engine tok/s | HTTP tok/s | HTTP/raw | raw ms/token "
+             "| engine: eval ms | sample ms | rest ms |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in [*report["rounds"], {"round": "median", "order": "", **m}]:
         lines.append(f"| {r['round']} | {r['order']} | {gpu.fmt(r['raw_tok_s'])} | {gpu.fmt(r['engine_tok_s'])} "
-                     f"| {gpu.fmt(r['http_tok_s'])} | {gpu.fmt(r['http_over_raw'], 3)} |")
-    lines.append(f"| median | | {gpu.fmt(m['raw_tok_s'])} | {gpu.fmt(m['engine_tok_s'])} | {gpu.fmt(m['http_tok_s'])} "
-                 f"| {gpu.fmt(m['http_over_raw'], 3)} |")
+                     f"| {gpu.fmt(r['http_tok_s'])} | {gpu.fmt(r['http_over_raw'], 3)} | {split_ms(r)} |")
+    lines += ["", "raw ms/token: llama_decode and synchronize; the engine's eval (llama_decode; on a GPU it may return "
+              "before the GPU is done), sample (waits for the logits) and the rest of its loop, per token."]
     return "\n".join(lines) + "\n"
+
+
+def split_ms(row: dict[str, Any]) -> str:
+    """raw ms/token | eval | sample | the engine's loop minus both (from its own tok/s)."""
+    raw, engine = row.get("raw_tok_s"), row.get("engine_tok_s")
+    ev, sa = row.get("engine_eval_ms"), row.get("engine_sample_ms")
+    rest = 1e3 / engine - ev - sa if engine and ev is not None and sa is not None else None
+    return " | ".join(gpu.fmt(v, 3) for v in (1e3 / raw if raw else None, ev, sa, rest))
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:

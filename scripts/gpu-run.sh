@@ -61,7 +61,6 @@ deps() {
 }
 
 install() {
-    [ -f "$DEV/llama_cpp_python-$LLAMA_VERSION.tar.gz" ] || fail "$DEV is missing; run scripts/gpu-prepare.sh on a machine with network"
     deps
     local py
     py=$(pick_python)
@@ -73,6 +72,7 @@ install() {
     if has_gpu_offload "$py"; then
         echo "gpu-run: llama-cpp-python with GPU offload is installed"
     else
+        [ -f "$DEV/llama_cpp_python-$LLAMA_VERSION.tar.gz" ] || fail "$DEV is missing; run scripts/gpu-prepare.sh on a machine with network"
         command -v nvcc >/dev/null || [ -x /usr/local/cuda/bin/nvcc ] || fail "nvcc not found: the CUDA toolkit is needed to compile llama.cpp"
         export PATH="$PATH:/usr/local/cuda/bin"
         echo "gpu-run: compiling llama-cpp-python $LLAMA_VERSION with CUDA (a few minutes)"
