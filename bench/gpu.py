@@ -99,6 +99,10 @@ def rss_mib(pid: int) -> dict[str, int]:
             key, _, value = line.partition(":")
             if key in ("VmRSS", "VmHWM"):
                 out[key] = int(value.split()[0]) // 1024
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key == "AnonHugePages":  # memory backed by transparent huge pages
+                out[key] = int(value.split()[0]) // 1024
     except OSError:
         pass
     return out
