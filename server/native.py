@@ -1,17 +1,17 @@
 """One C++ runtime for the whole process, set up before llama.cpp's libraries load.
 
-Some llama.cpp builds carry a private, statically linked copy of the C++ standard library inside
-libggml-cuda.so and export its symbols (seen with llama-cpp-python 0.3.36 compiled against CUDA 13:
-libllama.so and libggml-cuda.so list no libstdc++.so.6 at all). libllama then takes part of the
-library from that copy and part from the system's libstdc++.so.6, which CUDA's own libraries bring
-in. Both copies number iostream facets (std::locale::id) on first use, so which facet an index finds
-depends on what ran earlier in the process: a lean process loads the model, while one that imported
-more first (pytest with its plugins, the server's app) crashed inside llama_model::print_info,
-formatting a number into a std::ostringstream.
+Seen with llama-cpp-python 0.3.36 compiled against CUDA 13 on an H200 machine: libggml-cuda.so carries
+a statically linked copy of the C++ standard library and exports its symbols, and neither it nor
+libllama.so lists libstdc++.so.6 as a dependency, so libllama resolves part of the standard library
+to that copy. Processes that had imported more before the model loaded (pytest with its plugins, the
+server's app in the same process as a benchmark) crashed inside llama_model::print_info, in that
+copy's std::ostream::_M_insert<long> (a number formatted into a string stream); lean processes did
+not. The likely mechanism: two copies of the library in one process, each with its own numbering of
+iostream facets, meeting in one stream.
 
-Loading the system's libstdc++.so.6 into the global scope first makes every library resolve the
-standard library's symbols to that one copy. Where llama.cpp already links it dynamically (the usual
-case) this changes nothing.
+Loading the system's libstdc++.so.6 into the global symbol scope first makes the libraries resolve
+the standard library's symbols to that one copy; with it, the same runs passed there. Where llama.cpp
+links libstdc++.so.6 dynamically (the usual build) they resolve to that copy anyway.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def share_libstdcxx() -> bool:
     if not sys.platform.startswith("linux"):
         return False
     if "llama_cpp" in sys.modules:
-        log.debug("llama_cpp is already loaded; the C++ runtime is left as it is")
+        log.debug("llama_cpp was loaded first: its libraries' symbols are already bound")
     try:
         _handle = ctypes.CDLL(LIBSTDCXX, mode=os.RTLD_GLOBAL | os.RTLD_NOW)
     except OSError as exc:  # no C++ runtime installed under that name: nothing to share

@@ -187,7 +187,7 @@ def test_matches_llama_model_quantize_on_reference_model_experts(reference_model
 @pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux's /proc/self/maps")
 def test_one_copy_of_ggml_shared_with_llama_cpp() -> None:
     """The quantizer opens the libggml-base that libllama links, not a second copy of it: two copies of
-    ggml in one process is how a model load crashed after an in-process build on a GPU machine."""
+    ggml in one process would each keep their own global state (backends, quantization tables)."""
     import llama_cpp
 
     llama_cpp.llama_supports_gpu_offload()
