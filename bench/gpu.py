@@ -134,7 +134,8 @@ def build_model(args: argparse.Namespace) -> tuple[Path, dict[str, Any]]:
         hf = work / f"hf-{args.shape}-L{args.layers}"
         t0 = time.perf_counter()
         log(f"writing synthetic checkpoint {hf}")
-        write_checkpoint(hf, preset=args.shape, layers=args.layers)
+        cpus = os.cpu_count() or 1
+        write_checkpoint(hf, preset=args.shape, layers=args.layers, shards=max(2, cpus), workers=cpus)
         info["checkpoint_seconds"] = round(time.perf_counter() - t0, 1)
         t0 = time.perf_counter()
         log(f"building {gguf} with coder-quant's default recipe")

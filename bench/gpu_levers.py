@@ -58,7 +58,9 @@ def build_models(args: argparse.Namespace) -> dict[str, Path]:
         if not gguf_path.exists():
             if not (hf / "config.json").exists():
                 gpu.log(f"writing synthetic checkpoint {hf}")
-                write_checkpoint(hf, preset=args.shape, layers=args.layers, n_experts=args.experts)
+                cpus = os.cpu_count() or 1
+                write_checkpoint(hf, preset=args.shape, layers=args.layers, n_experts=args.experts,
+                                 shards=max(2, cpus), workers=cpus)
             gpu.log(f"building {gguf_path}")
             t0 = time.perf_counter()
             subprocess.run([sys.executable, "-m", "quantizer.cli", "build", str(hf), str(gguf_path), "--quiet",

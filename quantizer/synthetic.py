@@ -14,8 +14,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import multiprocessing
 import zlib
 from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -395,13 +397,16 @@ def write_checkpoint(
     fused_experts: bool = False,
     bf16_values: bool = False,
     seed: int = 0,
+    workers: int = 1,
 ) -> SyntheticCheckpoint:
     """Write a random Qwen3-Next checkpoint (config, tokenizer, safetensors shards) into out_dir.
 
     Shape arguments left as None come from `preset` ("tiny", "demo" or "coder-next"; default
     "tiny"). `bf16_values` draws values exactly representable in bfloat16, so an f32 source
     converts to the same BF16 GGUF as a bf16 one. `shards=1` writes a single model.safetensors
-    without an index, as transformers does for small models.
+    without an index, as transformers does for small models. `workers` > 1 writes that many shards
+    at a time in separate processes; every value depends only on the seed, the tensor's name and its
+    position, so the files are the same either way.
     """
     shape = resolve_shape(preset, {k: v for k, v in locals().items() if k in SyntheticShape.__dataclass_fields__})
     if dtype not in SAFETENSORS_DTYPE:
@@ -411,10 +416,15 @@ def write_checkpoint(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     files = shard_names(shards)
-    for shard, file_name in enumerate(files):
-        group = [streamed(t, dtype, seed, bf16_values) for t, p in zip(tensors, placement, strict=True) if p == shard]
-        logger.info("writing %s (%d tensors)", file_name, len(group))
-        write_safetensors(out / file_name, group)
+    jobs = [(out / file_name, [t for t, p in zip(tensors, placement, strict=True) if p == shard], dtype, seed,
+             bf16_values) for shard, file_name in enumerate(files)]
+    if workers > 1 and len(jobs) > 1:
+        # spawn: a fresh interpreter per worker, whatever threads or native libraries this process holds
+        with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=multiprocessing.get_context("spawn")) as pool:
+            list(pool.map(_write_shard, *zip(*jobs, strict=True)))
+    else:
+        for job in jobs:
+            _write_shard(*job)
     n_params = sum(int(np.prod(t.shape, dtype=np.int64)) for t in tensors)
     if shards > 1:
         weight_map = {t.name: files[p] for t, p in zip(tensors, placement, strict=True)}
@@ -425,6 +435,11 @@ def write_checkpoint(
         _write_json(out / "model.safetensors.index.json", index)
     _write_metadata_files(out, shape, dtype)
     return SyntheticCheckpoint(out, shape, dtype, tuple(files), n_params)
+
+
+def _write_shard(path: Path, tensors: list[StoredTensor], dtype: Dtype, seed: int, bf16_values: bool) -> None:
+    logger.info("writing %s (%d tensors)", path.name, len(tensors))
+    write_safetensors(path, [streamed(t, dtype, seed, bf16_values) for t in tensors])
 
 
 def _write_metadata_files(out: Path, shape: SyntheticShape, dtype: Dtype) -> None:

@@ -210,3 +210,11 @@ def test_llama_cpp_runs_the_built_model(tiny: Path, tmp_path: Path) -> None:
     assert len(tokens) < len(text.encode())  # merges apply
     llm.eval(tokens)
     assert np.isfinite(np.array(llm.scores[: len(tokens)])).all()
+
+
+def test_shards_written_in_parallel_are_the_same_files(tmp_path: Path) -> None:
+    one = write_checkpoint(tmp_path / "one", preset="tiny", layers=2, shards=3)
+    many = write_checkpoint(tmp_path / "many", preset="tiny", layers=2, shards=3, workers=3)
+    assert len(one.files) == 3
+    for name in one.files:
+        assert (one.path / name).read_bytes() == (many.path / name).read_bytes(), name
