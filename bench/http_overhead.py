@@ -73,6 +73,7 @@ class StepTimer:
         from server.sampler import SamplerChain
 
         self.totals = {"eval_s": 0.0, "eval_n": 0, "sample_s": 0.0, "sample_n": 0}
+        self.tokens: list[int] = []  # the decode steps' tokens, in order
         eval_step, sample = llm.eval, SamplerChain.sample
 
         def timed_eval(tokens: Any) -> None:
@@ -81,6 +82,7 @@ class StepTimer:
             if len(tokens) == 1:  # decode steps only, not prompt chunks
                 self.totals["eval_s"] += time.perf_counter() - t0
                 self.totals["eval_n"] += 1
+                self.tokens.append(int(tokens[0]))
 
         def timed_sample(chain: Any, ctx: Any) -> int:
             t0 = time.perf_counter()
@@ -146,10 +148,16 @@ class InProcessServer:
         self.engine.close()
 
 
-def http_round(srv: InProcessServer, cmd: list[str], timeout: float) -> dict[str, Any]:
-    """The client process's figures, with the engine's eval and sampling time over its requests."""
+def http_round(srv: InProcessServer, cmd: list[str], timeout: float, prompt: list[int]) -> dict[str, Any]:
+    """The client process's figures, with the engine's eval and sampling time over its requests, and raw
+    decoding of the very tokens the engine generated after the same prompt (`prompt`: the long request's),
+    which rules out that the tokens themselves (the experts they route to) make the difference."""
     before = dict(srv.timer.totals)
-    return gpu.run_json(cmd, timeout) | srv.timer.since(before)
+    srv.timer.tokens.clear()
+    out = gpu.run_json(cmd, timeout) | srv.timer.since(before)
+    generated = list(srv.timer.tokens)
+    out["raw_same_tokens_tok_s"] = raw_decode(srv.llm, prompt, generated) if generated else None
+    return out
 
 
 def measure(args: argparse.Namespace, serve_argv: list[str]) -> dict[str, Any]:
@@ -168,10 +176,11 @@ def measure(args: argparse.Namespace, serve_argv: list[str]) -> dict[str, Any]:
             spec = {"port": port, "model": model_id, "vocab": vocab, "prompt": args.prompt, "decode": args.decode,
                     "seed": seed + 4}
             cmd = [sys.executable, str(Path(__file__).resolve()), "--client", json.dumps(spec)]
+            long_prompt = gpu.prompt_ids(args.prompt, vocab, spec["seed"])  # as client_main builds it
             if r % 2:
-                http, raw = http_round(srv, cmd, args.load_timeout), raw_decode(srv.llm, prompt, steps)
+                http, raw = http_round(srv, cmd, args.load_timeout, long_prompt), raw_decode(srv.llm, prompt, steps)
             else:
-                raw, http = raw_decode(srv.llm, prompt, steps), http_round(srv, cmd, args.load_timeout)
+                raw, http = raw_decode(srv.llm, prompt, steps), http_round(srv, cmd, args.load_timeout, long_prompt)
             row = {"round": r, "order": "http first" if r % 2 else "raw first", "raw_tok_s": raw, **http,
                    "http_over_raw": http["http_tok_s"] / raw if http["http_tok_s"] else None}
             gpu.log(json.dumps(row))
@@ -179,7 +188,7 @@ def measure(args: argparse.Namespace, serve_argv: list[str]) -> dict[str, Any]:
         summary = srv.summary
     medians = {k: statistics.median(x[k] for x in rounds if x[k]) for k in ("raw_tok_s", "http_tok_s", "engine_tok_s",
                                                                            "http_over_raw", "engine_eval_ms",
-                                                                           "engine_sample_ms")}
+                                                                           "engine_sample_ms", "raw_same_tokens_tok_s")}
     return {"label": args.label, "machine": gpu.machine(), "model": args.model, "serve_args": serve_argv,
             "prompt": args.prompt, "decode": args.decode, "rounds": rounds, "median": medians,
             "placement": {k: summary.get(k) for k in ("preset_effective", "n_gpu_layers", "batch", "ubatch")}}
@@ -191,12 +200,15 @@ def markdown(report: dict[str, Any]) -> str:
              f"Machine: {json.dumps(report['machine'])}",
              f"coder-serve arguments: `{' '.join(report['serve_args'])}`; prompt {report['prompt']} tokens, "
              f"{report['decode']} decoded", "",
-             "| round | order | raw tok/s | engine tok/s | HTTP tok/s | HTTP/raw | raw ms/token "
-             "| engine: eval ms | sample ms | rest ms |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| round | order | raw tok/s | raw, the engine's tokens | engine tok/s | HTTP tok/s | HTTP/raw "
+             "| raw ms/token | engine: eval ms | sample ms | rest ms |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in [*report["rounds"], {"round": "median", "order": "", **m}]:
-        lines.append(f"| {r['round']} | {r['order']} | {gpu.fmt(r['raw_tok_s'])} | {gpu.fmt(r['engine_tok_s'])} "
+        lines.append(f"| {r['round']} | {r['order']} | {gpu.fmt(r['raw_tok_s'])} "
+                     f"| {gpu.fmt(r.get('raw_same_tokens_tok_s'))} | {gpu.fmt(r['engine_tok_s'])} "
                      f"| {gpu.fmt(r['http_tok_s'])} | {gpu.fmt(r['http_over_raw'], 3)} | {split_ms(r)} |")
-    lines += ["", "raw ms/token: llama_decode and synchronize; the engine's eval (llama_decode; on a GPU it may return "
+    lines += ["", "raw: random tokens after a random prompt; raw, the engine's tokens: the tokens the engine "
+              "generated in that round's long request, after its prompt. "
+              "raw ms/token: llama_decode and synchronize; the engine's eval (llama_decode; on a GPU it may return "
               "before the GPU is done), sample (waits for the logits) and the rest of its loop, per token."]
     return "\n".join(lines) + "\n"
 
