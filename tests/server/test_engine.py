@@ -86,9 +86,9 @@ def test_the_context_never_runs_ahead_of_the_generation(engine: Engine) -> None:
     prompt = engine.tokenize("def add(a, b):\n")
     full, done = asyncio.run(run(engine, prompt, 10))
     assert done.reason == "length" and engine._llama.n_tokens == len(prompt) + 9
-    if len(full) > 4:
-        _, done = asyncio.run(run(engine, prompt, 10, stop=(full[2:4],)))
-        assert done.reason == "stop" and engine._llama.n_tokens == len(prompt) + done.usage.completion_tokens - 1
+    assert len(full) > 4, full  # text to cut a stop string from, so that case always runs
+    _, done = asyncio.run(run(engine, prompt, 10, stop=(full[2:4],)))
+    assert done.reason == "stop" and engine._llama.n_tokens == len(prompt) + done.usage.completion_tokens - 1
 
 
 def test_admission_checks(engine: Engine) -> None:
