@@ -4,8 +4,8 @@ bench/gpu.py sets HTTP figures beside raw llama_decode figures from a second pro
 moves by about 10 % between two processes loading the same model on the same machine, more than
 the 5 % this is meant to resolve. Here the model is loaded once: coder-serve's app runs under uvicorn
 on a loopback port in this process, and rounds alternate between
-  - raw: llama_decode on the server's own model object, one token at a time, as the engine calls it
-    (while the engine is idle), and
+  - raw: llama_decode on the server's own model object, one token at a time, as the engine calls it,
+    on the engine's own thread between requests (Engine.run_exclusive), and
   - HTTP: a streamed /v1/completions request from a client in a separate process (so the client's
     Python does not compete with the server's), for N tokens and for one token with a prompt of the
     same length; decode speed = (N - 1) / the difference of the two request times.
@@ -104,23 +104,33 @@ class InProcessServer:
     """coder-serve's app with its engine, under uvicorn on a thread; keeps a handle on the loaded model."""
 
     def __init__(self, serve_argv: list[str], port: int) -> None:
+        from server.cli import build_parser, settings_from_args
+
+        self.settings = settings_from_args(build_parser().parse_args([*serve_argv, "--port", str(port)]))
+        if self.settings.pin_threads:  # as coder-serve does it: OpenMP's binding set before llama.cpp loads
+            from server.affinity import pin_llama_threads
+
+            pin_llama_threads()
         import uvicorn
 
         from server.app import create_app, model_factory
-        from server.cli import build_parser, settings_from_args
         from server.engine import Engine
         from server.prompt_cache import PromptCache
 
-        self.settings = settings_from_args(build_parser().parse_args([*serve_argv, "--port", str(port)]))
         self.port = port
-        # Loaded here, on the main thread, before the server starts; the engine is handed the result.
-        self.llm, self.summary = model_factory(self.settings)()
-        self.timer = StepTimer(self.llm)
+        self.llm: Any = None
+        self.summary: dict[str, Any] = {}
+        load = model_factory(self.settings)
 
-        def keep_handle() -> tuple[Any, dict[str, Any]]:
+        def load_and_keep() -> tuple[Any, dict[str, Any]]:
+            # On the engine's thread, as in coder-serve; raw decoding runs there too (Engine.run_exclusive):
+            # a second thread computing would give llama.cpp a second OpenMP team, and with more OpenMP
+            # threads than CPUs libgomp barely spins between computations, which slows both sides.
+            self.llm, self.summary = load()
+            self.timer = StepTimer(self.llm)
             return self.llm, self.summary
 
-        self.engine = Engine(keep_handle, max_queue=self.settings.max_queue,
+        self.engine = Engine(load_and_keep, max_queue=self.settings.max_queue,
                              cache=PromptCache.create(self.settings.cache_ram))
         app = create_app(self.settings, self.engine)
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
@@ -142,6 +152,10 @@ class InProcessServer:
             time.sleep(0.5)
         raise RuntimeError("the server did not become ready in time")
 
+    def raw(self, prompt: list[int], steps: list[int]) -> float:
+        """raw_decode on the engine's thread, between requests."""
+        return self.engine.run_exclusive(lambda llm: raw_decode(llm, prompt, steps))
+
     def __exit__(self, *exc: object) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=30)
@@ -156,7 +170,7 @@ def http_round(srv: InProcessServer, cmd: list[str], timeout: float, prompt: lis
     srv.timer.tokens.clear()
     out = gpu.run_json(cmd, timeout) | srv.timer.since(before)
     generated = list(srv.timer.tokens)
-    out["raw_same_tokens_tok_s"] = raw_decode(srv.llm, prompt, generated) if generated else None
+    out["raw_same_tokens_tok_s"] = srv.raw(prompt, generated) if generated else None
     return out
 
 
@@ -168,7 +182,7 @@ def measure(args: argparse.Namespace, serve_argv: list[str]) -> dict[str, Any]:
         _, models = gpu.http_get_json(port, "/v1/models")
         model_id = models["data"][0]["id"]
         gpu.stream_completion(port, model_id, gpu.prompt_ids(32, vocab, 1), 4)  # warm-up
-        raw_decode(srv.llm, gpu.prompt_ids(32, vocab, 2), gpu.prompt_ids(8, vocab, 3))
+        srv.raw(gpu.prompt_ids(32, vocab, 2), gpu.prompt_ids(8, vocab, 3))
         rounds = []
         for r in range(args.rounds):
             seed = 1000 + 10 * r
@@ -178,20 +192,22 @@ def measure(args: argparse.Namespace, serve_argv: list[str]) -> dict[str, Any]:
             cmd = [sys.executable, str(Path(__file__).resolve()), "--client", json.dumps(spec)]
             long_prompt = gpu.prompt_ids(args.prompt, vocab, spec["seed"])  # as client_main builds it
             if r % 2:
-                http, raw = http_round(srv, cmd, args.load_timeout, long_prompt), raw_decode(srv.llm, prompt, steps)
+                http, raw = http_round(srv, cmd, args.load_timeout, long_prompt), srv.raw(prompt, steps)
             else:
-                raw, http = raw_decode(srv.llm, prompt, steps), http_round(srv, cmd, args.load_timeout, long_prompt)
+                raw, http = srv.raw(prompt, steps), http_round(srv, cmd, args.load_timeout, long_prompt)
             row = {"round": r, "order": "http first" if r % 2 else "raw first", "raw_tok_s": raw, **http,
                    "http_over_raw": http["http_tok_s"] / raw if http["http_tok_s"] else None}
             gpu.log(json.dumps(row))
             rounds.append(row)
         summary = srv.summary
+        threads = {"decode": srv.llm.n_threads, "batch": srv.llm.context_params.n_threads_batch}
     medians = {k: statistics.median(x[k] for x in rounds if x[k]) for k in ("raw_tok_s", "http_tok_s", "engine_tok_s",
                                                                            "http_over_raw", "engine_eval_ms",
                                                                            "engine_sample_ms", "raw_same_tokens_tok_s")}
     return {"label": args.label, "machine": gpu.machine(), "model": args.model, "serve_args": serve_argv,
             "prompt": args.prompt, "decode": args.decode, "rounds": rounds, "median": medians,
-            "placement": {k: summary.get(k) for k in ("preset_effective", "n_gpu_layers", "batch", "ubatch")}}
+            "placement": {k: summary.get(k) for k in ("preset_effective", "n_gpu_layers", "batch", "ubatch")},
+            "threads": threads, "thread_binding": summary.get("thread_binding")}
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -199,7 +215,8 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [f"# Decode through HTTP against raw llama_decode, one process: {report['label']}", "",
              f"Machine: {json.dumps(report['machine'])}",
              f"coder-serve arguments: `{' '.join(report['serve_args'])}`; prompt {report['prompt']} tokens, "
-             f"{report['decode']} decoded", "",
+             f"{report['decode']} decoded; llama.cpp threads: {json.dumps(report.get('threads'))}, "
+             f"bound: {report.get('thread_binding') or 'no'}", "",
              "| round | order | raw tok/s | raw, the engine's tokens | engine tok/s | HTTP tok/s | HTTP/raw "
              "| raw ms/token | engine: eval ms | sample ms | rest ms |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in [*report["rounds"], {"round": "median", "order": "", **m}]:

@@ -15,8 +15,9 @@ import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import llama_cpp
 
@@ -36,6 +37,7 @@ EngineState = Literal["idle", "loading", "ready", "failed", "closed"]
 # Seconds between wake-ups of the event loop for one job's text: a model faster than this streams a
 # chunk per interval instead of per token (the HTTP side then costs little); a slower one token by token.
 WAKE_INTERVAL = 0.02
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -159,6 +161,7 @@ class Engine:
         self._cond = threading.Condition()
         self._context_lock = threading.Lock()  # held while the llama.cpp context is in use
         self._waiting: deque[Job] = deque()
+        self._calls: deque[tuple[Callable[[Any], Any], Future[Any]]] = deque()  # run_exclusive's, run first
         self._active: Job | None = None
         self._state: EngineState = "idle"
         self._loaded = threading.Event()
@@ -196,7 +199,10 @@ class Engine:
             for job in (*self._waiting, *([self._active] if self._active else [])):
                 job.cancel_requested.set()
             self._waiting.clear()
+            calls, self._calls = list(self._calls), deque()
             self._cond.notify_all()
+        for _, future in calls:
+            future.set_exception(ModelNotReady("The model is not available"))
         if thread is not None and thread is not threading.current_thread():
             thread.join()
         self._release_model()
@@ -254,6 +260,25 @@ class Engine:
             self._cond.notify_all()
         return job
 
+    def run_exclusive(self, fn: Callable[[Any], T], timeout: float | None = None) -> T:
+        """`fn(llama)` run on the engine's thread between two requests; returns what it returns.
+
+        Everything that computes with the model must run on that one thread. llama.cpp's CPU backend
+        computes on OpenMP thread teams, one per thread that starts a computation, and once two teams
+        exist there are more OpenMP threads than CPUs: libgomp then lets idle workers spin only briefly,
+        so each hand-over between the GPU's and the CPU's parts of a token waits for sleeping threads.
+        On the 2-core development machine a second thread that had decoded once halved decoding speed.
+
+        `fn` must leave the context empty (llama.reset()) or holding what it held.
+        """
+        future: Future[T] = Future()
+        with self._cond:
+            if self._state != "ready":
+                raise ModelNotReady("The model is not available")
+            self._calls.append((fn, future))
+            self._cond.notify_all()
+        return future.result(timeout)
+
     def cancel(self, job: Job) -> None:
         with self._cond:
             if job.status == "done" or job.cancel_requested.is_set():
@@ -288,6 +313,16 @@ class Engine:
         if not self._load():
             return
         while (job := self._next_job()) is not None:
+            if not isinstance(job, Job):
+                fn, future = job
+                if future.set_running_or_notify_cancel():
+                    try:
+                        with self._context_lock:
+                            future.set_result(fn(self._llama))
+                    except Exception as exc:  # the caller's error, handed back to the caller
+                        future.set_exception(exc)
+                        self._llama.reset()  # what the context holds is unknown now
+                continue
             started = time.perf_counter()
             final: Finished | Failed
             try:
@@ -323,12 +358,14 @@ class Engine:
         log.info("model ready: %s, context %d tokens", info.description, info.n_ctx)
         return self._state == "ready"
 
-    def _next_job(self) -> Job | None:
+    def _next_job(self) -> Job | tuple[Callable[[Any], Any], Future[Any]] | None:
         with self._cond:
-            while not self._waiting and self._state == "ready":
+            while not self._waiting and not self._calls and self._state == "ready":
                 self._cond.wait()
             if self._state != "ready":
                 return None
+            if self._calls:
+                return self._calls.popleft()
             job = self._waiting.popleft()
             self._active, job.status = job, "running"
             return job

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import llama_cpp
 import pytest
 
 from server.app import model_factory
 from server.engine import Engine, GenerationParams
-from server.errors import ContextLengthExceeded, InvalidRequest, QueueFull
+from server.errors import ContextLengthExceeded, InvalidRequest, ModelNotReady, QueueFull
 from server.events import Finished, TextDelta
 from server.sampler import SamplingParams
 from tests.server.conftest import make_settings
@@ -75,9 +77,9 @@ def test_stop_string_and_usage(engine: Engine) -> None:
     prompt = engine.tokenize("def add(a, b):\n")
     full, done = asyncio.run(run(engine, prompt, 10))
     assert done.usage.prompt_tokens == len(prompt) and done.usage.completion_tokens <= 10
-    if len(full) > 4:
-        cut, done = asyncio.run(run(engine, prompt, 10, stop=(full[2:4],)))
-        assert cut == full[: full.index(full[2:4])] and done.reason == "stop"
+    assert len(full) > 4, full  # text to cut a stop string from, so that case always runs
+    cut, done = asyncio.run(run(engine, prompt, 10, stop=(full[2:4],)))
+    assert cut == full[: full.index(full[2:4])] and done.reason == "stop"
 
 
 def test_the_context_never_runs_ahead_of_the_generation(engine: Engine) -> None:
@@ -129,3 +131,47 @@ def test_a_vanishing_temperature_decodes_greedily(engine: Engine) -> None:
 async def _run_with(engine: Engine, prompt: list[int], sampling: SamplingParams) -> str:
     job = engine.submit(prompt, GenerationParams(sampling, max_tokens=5))
     return "".join([e.text async for e in job.events() if isinstance(e, TextDelta)])
+
+
+def test_every_computation_runs_on_the_engine_thread(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A second thread that computes gives llama.cpp a second OpenMP team, and with more OpenMP threads than
+    CPUs libgomp barely spins between computations (server.engine.Engine.run_exclusive): prompts,
+    generation and work handed to run_exclusive all decode on the engine's one thread."""
+    threads: list[int] = []
+    decode = llama_cpp.llama_cpp.llama_decode  # the binding Llama and its context call
+
+    def recording_decode(ctx: object, batch: object) -> int:
+        threads.append(threading.get_ident())
+        return decode(ctx, batch)
+
+    monkeypatch.setattr(llama_cpp.llama_cpp, "llama_decode", recording_decode)
+    prompt = engine.tokenize("def mean(values):\n")
+    asyncio.run(run(engine, prompt, 4))
+
+    def raw(llama: object) -> int:
+        llama.reset()  # type: ignore[attr-defined]
+        llama.eval(prompt[:3])  # type: ignore[attr-defined]
+        llama.reset()  # type: ignore[attr-defined]
+        return threading.get_ident()
+
+    engine_thread = engine.run_exclusive(raw, timeout=60)
+    assert len(threads) >= 5 and set(threads) == {engine_thread} != {threading.get_ident()}
+
+
+def test_run_exclusive_hands_back_results_and_errors(engine: Engine, test_gguf: Path) -> None:
+    assert engine.run_exclusive(lambda llama: llama.n_ctx(), timeout=60) == engine.info.n_ctx
+
+    def failing(llama: object) -> None:
+        raise ValueError("from the caller's function")
+
+    with pytest.raises(ValueError, match="caller's function"):
+        engine.run_exclusive(failing, timeout=60)
+    prompt = engine.tokenize("x = ")
+    assert asyncio.run(run(engine, prompt, 3))[1].usage.completion_tokens == 3  # the engine still serves
+
+    closed = Engine(model_factory(make_settings(test_gguf, ctx_size=256)))
+    closed.start()
+    assert closed.wait_loaded(120) == "ready"
+    closed.close()
+    with pytest.raises(ModelNotReady):
+        closed.run_exclusive(lambda llama: None, timeout=60)

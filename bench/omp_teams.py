@@ -1,0 +1,87 @@
+"""Decode speed on one thread before and after a second, still living thread has computed with the model.
+
+llama.cpp's CPU backend runs each computation on an OpenMP team, and libgomp keeps one team per thread
+that starts computations, for as long as that thread lives. With two teams the process has more OpenMP
+threads than CPUs, and libgomp then lets idle workers spin only briefly (its throttled spin count)
+before they sleep, so every computation starts by waking them. coder-serve computes on its engine's
+thread only (server.engine.Engine.run_exclusive); this shows what a second thread would cost.
+
+    python bench/omp_teams.py MODEL.gguf [--threads N] [--tokens 128] [--rounds 5] [-- coder-serve flags]
+
+Side by side in one process: `--rounds` decodes of `--tokens` tokens by the main thread, then a second
+thread decodes 4 tokens and stays alive, then `--rounds` decodes by the main thread again. Prints the
+medians and their ratio. Run it again with GOMP_SPINCOUNT=100 in the environment to see the same loss
+with one team.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def decode_speed(llm: Any, rng: random.Random, n: int) -> float:
+    import llama_cpp
+
+    vocab = llm.n_vocab()
+    llm.reset()
+    llm.eval([rng.randrange(100, vocab - 300) for _ in range(64)])
+    total = 0.0
+    for _ in range(n):
+        t0 = time.perf_counter()
+        llm.eval([rng.randrange(100, vocab - 300)])
+        llama_cpp.llama_synchronize(llm._ctx.ctx)
+        total += time.perf_counter() - t0
+    llm.reset()
+    return n / total
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("model")
+    p.add_argument("--tokens", type=int, default=128)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("serve_args", nargs=argparse.REMAINDER, help="after --: coder-serve flags (placement, threads)")
+    args = p.parse_args(argv)
+    from server.cli import build_parser, settings_from_args
+    from server.loader import open_model
+
+    serve = [a for a in args.serve_args if a != "--"]
+    settings = settings_from_args(build_parser().parse_args([args.model, *serve]))
+    llm, summary = open_model(args.model, settings)
+    rng = random.Random(0)
+    decode_speed(llm, rng, 8)  # warm-up
+    one_team = [decode_speed(llm, rng, args.tokens) for _ in range(args.rounds)]
+    computed, release = threading.Event(), threading.Event()
+
+    def second_thread() -> None:
+        decode_speed(llm, rng, 4)
+        computed.set()
+        release.wait()  # alive, so its OpenMP team stays
+
+    threading.Thread(target=second_thread, daemon=True).start()
+    computed.wait()
+    two_teams = [decode_speed(llm, rng, args.tokens) for _ in range(args.rounds)]
+    release.set()
+    a, b = statistics.median(one_team), statistics.median(two_teams)
+    print(json.dumps({"model": args.model, "serve_args": serve, "threads": summary["threads"],
+                      "cpus": os.cpu_count(), "GOMP_SPINCOUNT": os.environ.get("GOMP_SPINCOUNT"),
+                      "one_team_tok_s": [round(x, 1) for x in one_team],
+                      "two_teams_tok_s": [round(x, 1) for x in two_teams],
+                      "median_one_team": round(a, 1), "median_two_teams": round(b, 1), "ratio": round(b / a, 3)}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
