@@ -52,12 +52,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("model")
     p.add_argument("--tokens", type=int, default=128)
     p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("serve_args", nargs=argparse.REMAINDER, help="after --: coder-serve flags (placement, threads)")
-    args = p.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    cut = argv.index("--") if "--" in argv else len(argv)
+    args, serve = p.parse_args(argv[:cut]), argv[cut + 1:]  # after --: coder-serve flags (placement, threads)
     from server.cli import build_parser, settings_from_args
     from server.loader import open_model
 
-    serve = [a for a in args.serve_args if a != "--"]
     settings = settings_from_args(build_parser().parse_args([args.model, *serve]))
     llm, summary = open_model(args.model, settings)
     rng = random.Random(0)

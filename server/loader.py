@@ -293,8 +293,15 @@ def llama_arguments(settings: Any, plan: PlacementPlan, mmap: bool) -> dict[str,
     }
     threads = _int_setting(settings, "threads", None, 1, MAX_THREADS)
     threads_batch = _int_setting(settings, "threads_batch", None, 1, MAX_THREADS)
+    cpus = len(_usable_cpus())
     kwargs["n_threads"] = threads or default_threads()
-    kwargs["n_threads_batch"] = threads_batch or threads or len(_usable_cpus())
+    kwargs["n_threads_batch"] = threads_batch or threads or cpus
+    if max(kwargs["n_threads"], kwargs["n_threads_batch"]) > cpus:
+        # libgomp then cuts its idle threads' spinning to a few iterations, so every computation starts by
+        # waking sleeping threads (docs/benchmarks.md: 3 threads on 2 CPUs decoded 3x slower than 2)
+        log.warning("%d threads for decoding and %d for prompts, but this process may use %d CPUs: "
+                    "llama.cpp's threads would mostly sleep and wake; use at most %d",
+                    kwargs["n_threads"], kwargs["n_threads_batch"], cpus, cpus)
     flash_attn = getattr(settings, "flash_attn", None)
     if flash_attn is not None:
         kwargs["flash_attn"] = bool(flash_attn)

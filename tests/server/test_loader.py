@@ -99,6 +99,18 @@ def test_threads_batch_defaults_to_threads():
         loader.llama_arguments(settings(threads_batch=0), plan, mmap=True)
 
 
+def test_more_threads_than_cpus_are_warned_about(caplog):
+    plan = SimpleNamespace(n_gpu_layers=0, ctx_size=512, gpu_backend=False, overrides=(), preset_requested="none")
+    cpus = len(loader._usable_cpus())
+    with caplog.at_level(logging.WARNING, logger="server.loader"):
+        loader.llama_arguments(settings(threads=cpus), plan, mmap=True)
+        loader.llama_arguments(settings(threads=None), plan, mmap=True)
+    assert "may use" not in caplog.text
+    with caplog.at_level(logging.WARNING, logger="server.loader"):
+        loader.llama_arguments(settings(threads=1, threads_batch=cpus + 1), plan, mmap=True)
+    assert f"this process may use {cpus} CPUs" in caplog.text
+
+
 def test_default_threads_counts_physical_cores():
     cpus = loader._usable_cpus()
     assert 1 <= loader.default_threads() <= len(cpus)
