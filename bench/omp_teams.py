@@ -10,7 +10,7 @@ thread only (server.engine.Engine.run_exclusive); this shows what a second threa
 
 Side by side in one process: `--rounds` decodes of `--tokens` tokens by the main thread, then a second
 thread decodes 4 tokens and stays alive, then `--rounds` decodes by the main thread again. Prints the
-medians and their ratio. Run it again with GOMP_SPINCOUNT=100 in the environment to see the same loss
+medians and their ratio. Run it again with GOMP_SPINCOUNT=100 in the environment to see a like loss
 with one team.
 """
 

@@ -269,7 +269,8 @@ class Engine:
         so each hand-over between the GPU's and the CPU's parts of a token waits for sleeping threads.
         On the 2-core development machine a second thread that had decoded once halved decoding speed.
 
-        `fn` must leave the context empty (llama.reset()) or holding what it held.
+        `fn` must leave the context empty (llama.reset()) or holding what it held. If `timeout` passes
+        before `fn` has started, it is withdrawn; once started, it runs to its end.
         """
         future: Future[T] = Future()
         with self._cond:
@@ -277,7 +278,11 @@ class Engine:
                 raise ModelNotReady("The model is not available")
             self._calls.append((fn, future))
             self._cond.notify_all()
-        return future.result(timeout)
+        try:
+            return future.result(timeout)
+        except TimeoutError:
+            future.cancel()
+            raise
 
     def cancel(self, job: Job) -> None:
         with self._cond:

@@ -169,6 +169,20 @@ def test_run_exclusive_hands_back_results_and_errors(engine: Engine, test_gguf: 
     prompt = engine.tokenize("x = ")
     assert asyncio.run(run(engine, prompt, 3))[1].usage.completion_tokens == 3  # the engine still serves
 
+    async def busy_engine() -> None:  # work that times out while a request runs is withdrawn, never run
+        bias = tuple((t, -100.0) for t in engine.info.eog_tokens)
+        running = engine.submit(prompt, GenerationParams(SamplingParams(**{**GREEDY.__dict__, "logit_bias": bias}),
+                                                         max_tokens=400))
+        while not engine.stats().busy:
+            await asyncio.sleep(0.01)
+        ran: list[bool] = []
+        with pytest.raises(TimeoutError):
+            engine.run_exclusive(ran.append, timeout=0.01)
+        running.cancel()
+        [e async for e in running.events()]
+        assert engine.run_exclusive(lambda llama: "after", timeout=60) == "after" and ran == []
+
+    asyncio.run(busy_engine())
     closed = Engine(model_factory(make_settings(test_gguf, ctx_size=256)))
     closed.start()
     assert closed.wait_loaded(120) == "ready"
