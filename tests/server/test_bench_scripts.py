@@ -1,0 +1,37 @@
+"""The in-process benchmarks run end to end on a small real model, as they will on a GPU machine where
+every minute is counted: real llama.cpp, a real uvicorn server, a client process."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def test_http_overhead_reports_raw_engine_and_http_figures(test_gguf: Path, tmp_path: Path) -> None:
+    done = run("bench/http_overhead.py", str(test_gguf), "--out", str(tmp_path), "--label", "smoke", "--rounds", "2",
+               "--prompt", "16", "--decode", "8", "--", "--threads", "1", "--ctx-size", "512")
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads((tmp_path / "http-overhead-smoke.json").read_text())
+    assert len(report["rounds"]) == 2 and report["threads"] == {"decode": 1, "batch": 1}
+    assert report["thread_binding"] is None
+    for row in report["rounds"]:
+        assert row["raw_tok_s"] > 0 and row["http_tok_s"] > 0 and row["raw_same_tokens_tok_s"] > 0
+        assert row["completion_tokens"] == 8 and row["engine_eval_ms"] > 0
+    assert "| median |" in (tmp_path / "http-overhead-smoke.md").read_text()
+
+
+def test_omp_teams_reports_both_halves(test_gguf: Path) -> None:
+    done = run("bench/omp_teams.py", str(test_gguf), "--rounds", "2", "--tokens", "8", "--",
+               "--threads", "2", "--ctx-size", "512")
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["threads"] == 2 and len(result["one_team_tok_s"]) == len(result["two_teams_tok_s"]) == 2
+    assert result["median_one_team"] > 0 and result["median_two_teams"] > 0 and result["ratio"] > 0
