@@ -28,6 +28,7 @@ from server.placement_auto import bf16_warning, parse_compute_capability
 log = logging.getLogger(__name__)
 
 MAX_THREADS = 1024
+CGROUP_ROOT = Path("/sys/fs/cgroup")
 MAX_BATCH = 1 << 16
 # llama.cpp's own batch sizes, and ours where routed experts stay in RAM beside a GPU: there llama.cpp
 # copies each expert tensor to the GPU once per micro-batch of a long prompt, so larger micro-batches
@@ -258,17 +259,63 @@ def _usable_cpus() -> list[int]:
     return list(range(os.cpu_count() or 1))
 
 
+def _cgroup_dirs(base: Path, path: str) -> Iterator[Path]:
+    """`base`/`path` and each of its parents up to `base`."""
+    parts = [p for p in path.strip("/").split("/") if p]
+    for n in range(len(parts), -1, -1):
+        yield base.joinpath(*parts[:n])
+
+
+def cpu_quota(proc_cgroup: str | None = None, root: Path = CGROUP_ROOT) -> float | None:
+    """CPUs' worth of time this process's cgroups allow (a container's `--cpus`), the tightest limit along
+    its cgroup path, cgroup v2 or v1; None where nothing limits it or nothing can be read."""
+    try:
+        text = Path("/proc/self/cgroup").read_text() if proc_cgroup is None else proc_cgroup
+    except OSError:
+        return None
+    limits = []
+    for line in text.splitlines():
+        fields = line.split(":", 2)
+        if len(fields) != 3:
+            continue
+        _, controllers, path = fields
+        if controllers == "":  # v2: "quota period" or "max period" in cpu.max
+            for d in _cgroup_dirs(root, path):
+                with contextlib.suppress(OSError, ValueError):
+                    quota, period = (d / "cpu.max").read_text().split()
+                    if quota != "max" and int(period) > 0:
+                        limits.append(int(quota) / int(period))
+        elif "cpu" in controllers.split(","):  # v1: quota -1 is unlimited
+            for base in dict.fromkeys((root / controllers, root / "cpu")):
+                for d in _cgroup_dirs(base, path):
+                    with contextlib.suppress(OSError, ValueError):
+                        quota = int((d / "cpu.cfs_quota_us").read_text())
+                        period = int((d / "cpu.cfs_period_us").read_text())
+                        if quota > 0 and period > 0:
+                            limits.append(quota / period)
+    return min(limits) if limits else None
+
+
+def usable_cpu_count() -> int:
+    """CPUs this process may run on (its affinity), fewer where its cgroup's CPU quota allows less time:
+    threads beyond the quota are descheduled in turn, and llama.cpp's threads wait for the slowest."""
+    cpus = len(_usable_cpus())
+    quota = cpu_quota()
+    return max(1, min(cpus, int(quota))) if quota else cpus
+
+
 def default_threads() -> int:
-    """One thread per physical core this process may run on: hyperthread siblings share one core's
-    load and store units, and decoding with experts in RAM is bound by memory traffic."""
+    """One thread per physical core this process may run on, within its CPU quota: hyperthread siblings
+    share one core's load and store units, and decoding with experts in RAM is bound by memory traffic."""
     cpus = _usable_cpus()
     cores = set()
     for cpu in cpus:
         try:
             cores.add(Path(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list").read_text().strip())
         except OSError:
-            return max(1, len(cpus))
-    return max(1, len(cores))
+            cores = set(cpus)
+            break
+    return max(1, min(len(cores), usable_cpu_count()))
 
 
 def batch_sizes(settings: Any, plan: PlacementPlan) -> tuple[int, int]:
@@ -293,7 +340,7 @@ def llama_arguments(settings: Any, plan: PlacementPlan, mmap: bool) -> dict[str,
     }
     threads = _int_setting(settings, "threads", None, 1, MAX_THREADS)
     threads_batch = _int_setting(settings, "threads_batch", None, 1, MAX_THREADS)
-    cpus = len(_usable_cpus())
+    cpus = usable_cpu_count()
     kwargs["n_threads"] = threads or default_threads()
     kwargs["n_threads_batch"] = threads_batch or threads or cpus
     if max(kwargs["n_threads"], kwargs["n_threads_batch"]) > cpus:

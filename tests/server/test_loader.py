@@ -101,7 +101,7 @@ def test_threads_batch_defaults_to_threads():
 
 def test_more_threads_than_cpus_are_warned_about(caplog):
     plan = SimpleNamespace(n_gpu_layers=0, ctx_size=512, gpu_backend=False, overrides=(), preset_requested="none")
-    cpus = len(loader._usable_cpus())
+    cpus = loader.usable_cpu_count()
     with caplog.at_level(logging.WARNING, logger="server.loader"):
         loader.llama_arguments(settings(threads=cpus), plan, mmap=True)
         loader.llama_arguments(settings(threads=None), plan, mmap=True)
@@ -109,6 +109,39 @@ def test_more_threads_than_cpus_are_warned_about(caplog):
     with caplog.at_level(logging.WARNING, logger="server.loader"):
         loader.llama_arguments(settings(threads=1, threads_batch=cpus + 1), plan, mmap=True)
     assert f"this process may use {cpus} CPUs" in caplog.text
+
+
+def test_cpu_quota_reads_cgroup_v2_limits_along_the_path(tmp_path):
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    (tmp_path / "a" / "cpu.max").write_text("150000 100000\n")
+    (tmp_path / "a" / "b" / "cpu.max").write_text("200000 100000\n")
+    assert loader.cpu_quota("0::/a/b\n", tmp_path) == 1.5  # the tightest, from a parent
+    assert loader.cpu_quota("0::/\n", tmp_path) is None  # "max": no limit
+    assert loader.cpu_quota("0::/elsewhere\n", tmp_path) is None  # nothing readable on the path but the root
+    assert loader.cpu_quota("garbage\n", tmp_path) is None
+
+
+def test_cpu_quota_reads_cgroup_v1_limits(tmp_path):
+    base = tmp_path / "cpu,cpuacct"
+    (base / "docker" / "x").mkdir(parents=True)
+    for d, quota in ((base, "-1"), (base / "docker" / "x", "300000")):
+        (d / "cpu.cfs_quota_us").write_text(quota + "\n")
+        (d / "cpu.cfs_period_us").write_text("100000\n")
+    text = "5:memory:/docker/x\n4:cpu,cpuacct:/docker/x\n"
+    assert loader.cpu_quota(text, tmp_path) == 3.0
+    assert loader.cpu_quota("4:cpu,cpuacct:/\n", tmp_path) is None  # -1: unlimited
+    assert loader.cpu_quota("5:memory:/docker/x\n", tmp_path) is None  # no cpu controller line
+
+
+def test_threads_follow_the_cpu_quota(monkeypatch):
+    plan = SimpleNamespace(n_gpu_layers=0, ctx_size=512, gpu_backend=False, overrides=(), preset_requested="none")
+    monkeypatch.setattr(loader, "cpu_quota", lambda: 1.0)  # a container started with --cpus 1
+    assert loader.usable_cpu_count() == 1 == loader.default_threads()
+    kwargs = loader.llama_arguments(settings(threads=None), plan, mmap=True)
+    assert (kwargs["n_threads"], kwargs["n_threads_batch"]) == (1, 1)
+    monkeypatch.setattr(loader, "cpu_quota", lambda: 1000.0)  # a quota above the CPUs changes nothing
+    assert loader.usable_cpu_count() == len(loader._usable_cpus())
 
 
 def test_default_threads_counts_physical_cores():
