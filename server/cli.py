@@ -48,9 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --gpu-layers auto: GPU memory to plan for at most, e.g. 24GiB (default: all free)")
     p.add_argument("--cpu-moe-layers", type=int, metavar="N", help="keep routed experts of the first N layers in RAM")
     p.add_argument("--ctx-size", type=int, metavar="N", help=f"context length in tokens, 0 for the model's own (default {DEFAULT['ctx_size']})")
-    p.add_argument("--threads", type=int, metavar="N", help="CPU threads for decoding (default: one per physical core)")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="CPU threads for decoding (default: one per physical core, within the CPU quota)")
     p.add_argument("--threads-batch", type=int, metavar="N",
-                   help="CPU threads for prompts (default: as --threads if given, else every CPU)")
+                   help="CPU threads for prompts (default: as --threads if given, else every CPU, within the quota)")
     p.add_argument("--batch", type=int, metavar="N",
                    help="prompt tokens per evaluation step (default 4096 with routed experts in RAM beside a GPU, "
                    "else 2048)")

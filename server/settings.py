@@ -53,9 +53,10 @@ class Settings(BaseSettings):
     vram_budget: int = Field(0, ge=0)
     cpu_moe_layers: int = Field(0, ge=0)  # keep routed experts of the first N layers on the CPU
     ctx_size: int = Field(32768, ge=0, le=1 << 22)  # tokens of context; 0 uses the model's trained length
-    # decode threads; None: one per physical core this process may run on (server.loader.default_threads)
+    # decode threads; None: one per physical core this process may run on, within its CPU quota
+    # (server.loader.default_threads)
     threads: int | None = Field(None, ge=1, le=1024)
-    threads_batch: int | None = Field(None, ge=1, le=1024)  # prompt threads; None: as --threads, else every CPU
+    threads_batch: int | None = Field(None, ge=1, le=1024)  # prompt threads; None: as --threads, else every CPU (within the quota)
     # prompt tokens per llama_decode call (n_batch) and per compute pass (n_ubatch); None: 4096 and 4096 where
     # routed experts stay in RAM beside a GPU (long prompts then move each expert to the GPU once per 4096
     # tokens instead of once per 512), else llama.cpp's 2048 and 512 (see docs/benchmarks.md)
