@@ -28,8 +28,8 @@ from server.placement_auto import bf16_warning, parse_compute_capability
 log = logging.getLogger(__name__)
 
 MAX_THREADS = 1024
-CGROUP_ROOT = Path("/sys/fs/cgroup")
 MAX_BATCH = 1 << 16
+CGROUP_ROOT = Path("/sys/fs/cgroup")  # where cpu_quota reads the process's CPU limits
 # llama.cpp's own batch sizes, and ours where routed experts stay in RAM beside a GPU: there llama.cpp
 # copies each expert tensor to the GPU once per micro-batch of a long prompt, so larger micro-batches
 # copy less (H200, 4 Coder-Next layers: prompt of 4096 tokens 3.6x faster; docs/benchmarks.md).
@@ -344,8 +344,9 @@ def llama_arguments(settings: Any, plan: PlacementPlan, mmap: bool) -> dict[str,
     kwargs["n_threads"] = threads or default_threads()
     kwargs["n_threads_batch"] = threads_batch or threads or cpus
     if max(kwargs["n_threads"], kwargs["n_threads_batch"]) > cpus:
-        # libgomp then cuts its idle threads' spinning to a few iterations, so every computation starts by
-        # waking sleeping threads (docs/benchmarks.md: 3 threads on 2 CPUs decoded 3x slower than 2)
+        # Beyond the affinity libgomp cuts its idle threads' spinning to a few iterations, so every
+        # computation starts by waking sleeping threads; beyond a quota threads are descheduled in turn
+        # (docs/benchmarks.md: 3 threads on 2 CPUs decoded 3x slower than 2; 2 on a 1-CPU quota 1.5x slower)
         log.warning("%d threads for decoding and %d for prompts, but this process may use %d CPUs: "
                     "llama.cpp's threads would mostly sleep and wake; use at most %d",
                     kwargs["n_threads"], kwargs["n_threads_batch"], cpus, cpus)
