@@ -113,6 +113,14 @@ def prompt_ids(n: int, vocab: int, seed: int) -> list[int]:
     return [rng.randrange(300, vocab) for _ in range(n)]
 
 
+def write_bench_checkpoint(hf: Path, shape: str, layers: int, experts: int | None = None) -> None:
+    """quantizer.synthetic's checkpoint, one shard per CPU written in parallel (minutes become seconds)."""
+    from quantizer.synthetic import write_checkpoint
+
+    cpus = os.cpu_count() or 1
+    write_checkpoint(hf, preset=shape, layers=layers, n_experts=experts, shards=max(2, cpus), workers=cpus)
+
+
 def tokenizer_size(gguf_path: Path) -> int:
     from gguf import GGUFReader
 
@@ -129,13 +137,10 @@ def build_model(args: argparse.Namespace) -> tuple[Path, dict[str, Any]]:
     gguf = Path(args.gguf) if args.gguf else work / f"{args.shape}-L{args.layers}.gguf"
     info: dict[str, Any] = {"gguf": str(gguf), "shape": args.shape, "layers": args.layers, "recipe": "default"}
     if not gguf.exists():
-        from quantizer.synthetic import write_checkpoint
-
         hf = work / f"hf-{args.shape}-L{args.layers}"
         t0 = time.perf_counter()
         log(f"writing synthetic checkpoint {hf}")
-        cpus = os.cpu_count() or 1
-        write_checkpoint(hf, preset=args.shape, layers=args.layers, shards=max(2, cpus), workers=cpus)
+        write_bench_checkpoint(hf, args.shape, args.layers)
         info["checkpoint_seconds"] = round(time.perf_counter() - t0, 1)
         t0 = time.perf_counter()
         log(f"building {gguf} with coder-quant's default recipe")

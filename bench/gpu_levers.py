@@ -44,8 +44,6 @@ RECIPE_RULES = {"iq4_xs": [], "q4_k": ["--recipe", "attn-bf16-q4k"], "iq4_nl": [
 
 
 def build_models(args: argparse.Namespace) -> dict[str, Path]:
-    from quantizer.synthetic import write_checkpoint
-
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     stem = f"{args.shape}-L{args.layers}" + (f"-e{args.experts}" if args.experts else "")
@@ -58,9 +56,7 @@ def build_models(args: argparse.Namespace) -> dict[str, Path]:
         if not gguf_path.exists():
             if not (hf / "config.json").exists():
                 gpu.log(f"writing synthetic checkpoint {hf}")
-                cpus = os.cpu_count() or 1
-                write_checkpoint(hf, preset=args.shape, layers=args.layers, n_experts=args.experts,
-                                 shards=max(2, cpus), workers=cpus)
+                gpu.write_bench_checkpoint(hf, args.shape, args.layers, args.experts)
             gpu.log(f"building {gguf_path}")
             t0 = time.perf_counter()
             subprocess.run([sys.executable, "-m", "quantizer.cli", "build", str(hf), str(gguf_path), "--quiet",

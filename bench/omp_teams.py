@@ -19,32 +19,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import statistics
 import sys
 import threading
-import time
 from pathlib import Path
-from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-
-
-def decode_speed(llm: Any, rng: random.Random, n: int) -> float:
-    import llama_cpp
-
-    vocab = llm.n_vocab()
-    llm.reset()
-    llm.eval([rng.randrange(100, vocab - 300) for _ in range(64)])
-    total = 0.0
-    for _ in range(n):
-        t0 = time.perf_counter()
-        llm.eval([rng.randrange(100, vocab - 300)])
-        llama_cpp.llama_synchronize(llm._ctx.ctx)
-        total += time.perf_counter() - t0
-    llm.reset()
-    return n / total
+sys.path.insert(0, str(ROOT / "bench"))
+import gpu  # noqa: E402  (bench/gpu.py: random prompts from the model's vocabulary)
+from http_overhead import raw_decode  # noqa: E402  (llama_decode one token at a time, as the engine calls it)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,24 +39,31 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     cut = argv.index("--") if "--" in argv else len(argv)
     args, serve = p.parse_args(argv[:cut]), argv[cut + 1:]  # after --: coder-serve flags (placement, threads)
+    if not Path(args.model).is_file():
+        p.error(f"model file not found: {args.model}")
     from server.cli import build_parser, settings_from_args
     from server.loader import open_model
 
     settings = settings_from_args(build_parser().parse_args([args.model, *serve]))
     llm, summary = open_model(args.model, settings)
-    rng = random.Random(0)
-    decode_speed(llm, rng, 8)  # warm-up
-    one_team = [decode_speed(llm, rng, args.tokens) for _ in range(args.rounds)]
+    vocab = gpu.tokenizer_size(Path(args.model))
+    seeds = iter(range(10_000))
+
+    def decode(n: int) -> float:  # a fresh random prompt and n random tokens after it
+        return raw_decode(llm, gpu.prompt_ids(64, vocab, next(seeds)), gpu.prompt_ids(n, vocab, next(seeds)))
+
+    decode(8)  # warm-up
+    one_team = [decode(args.tokens) for _ in range(args.rounds)]
     computed, release = threading.Event(), threading.Event()
 
     def second_thread() -> None:
-        decode_speed(llm, rng, 4)
+        decode(4)
         computed.set()
         release.wait()  # alive, so its OpenMP team stays
 
     threading.Thread(target=second_thread, daemon=True).start()
     computed.wait()
-    two_teams = [decode_speed(llm, rng, args.tokens) for _ in range(args.rounds)]
+    two_teams = [decode(args.tokens) for _ in range(args.rounds)]
     release.set()
     a, b = statistics.median(one_team), statistics.median(two_teams)
     print(json.dumps({"model": args.model, "serve_args": serve, "threads": summary["threads"],

@@ -21,7 +21,7 @@ import logging
 import os
 import sys
 
-log = logging.getLogger("coder_serve.native")
+log = logging.getLogger(__name__)
 
 LIBSTDCXX = "libstdc++.so.6"
 _handle: ctypes.CDLL | None = None
