@@ -146,7 +146,7 @@ def measure(args: argparse.Namespace, gguf_path: Path, variant: dict[str, Any], 
 
 
 def markdown(report: dict[str, Any]) -> str:
-    p0, p1 = (str(p) for p in (report["settings"]["prompts"][0], report["settings"]["prompts"][-1]))
+    sizes = list(dict.fromkeys(str(p) for p in report["settings"]["prompts"]))  # one column per prompt length
     base = next((r for r in report["results"] if "raw" in r), None)
     lines = [f"# Speed levers, `--gpu-layers attn` ({report['shape']}, {report['layers']} layers"
              + (f", {report['experts']} experts a layer" if report.get("experts") else "") + ")", "",
@@ -155,12 +155,12 @@ def markdown(report: dict[str, Any]) -> str:
              f"the higher of {report.get('bandwidth_before_gb_s', 0):.1f} before and "
              f"{report.get('bandwidth_after_gb_s', 0):.1f} after the variants)",
              f"Environment for every variant: {json.dumps(report.get('with_env', {}))}", "",
-             "| variant | threads (decode/batch) | pp" + p0 + " tok/s | pp" + p1 + " tok/s | decode tok/s "
-             "| decode / baseline | decode / bound | CPU buffers |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| variant | threads (decode/batch) | " + "".join(f"pp{n} tok/s | " for n in sizes)
+             + "decode tok/s | decode / baseline | decode / bound | CPU buffers |",
+             "|---|---|" + "---|" * len(sizes) + "---|---|---|---|"]
     for r in report["results"]:
         if "raw" not in r:
-            lines.append(f"| {r['label']} | error: {r.get('error', '')[:100]} |||||||")
+            lines.append(f"| {r['label']} | error: {r.get('error', '')[:100]} |" + "|" * (len(sizes) + 4))
             continue
         raw, bound = r["raw"], r["bound_tok_s"]
         dec = raw.get("decode_tok_s")
@@ -169,8 +169,8 @@ def markdown(report: dict[str, Any]) -> str:
                              if not k.startswith("CUDA") or k == "CUDA_Host")
         lines.append(
             f"| {r['label']} | {raw.get('n_threads')}/{raw.get('n_threads_batch')} "
-            f"| {gpu.fmt(raw['prompts'][p0]['prompt_tok_s'])} | {gpu.fmt(raw['prompts'].get(p1, {}).get('prompt_tok_s'))} "
-            f"| {gpu.fmt(dec)} | {gpu.ratio(dec, base['raw'].get('decode_tok_s'))} "
+            + "".join(f"| {gpu.fmt(raw['prompts'].get(n, {}).get('prompt_tok_s'))} " for n in sizes)
+            + f"| {gpu.fmt(dec)} | {gpu.ratio(dec, base['raw'].get('decode_tok_s'))} "
             f"| {(dec / bound * 100) if dec else 0:.0f} % of {bound:.0f} | {cpu_bufs} |")
     lines += ["", "Bound = read bandwidth / routed-expert bytes per decoded token (that type's file). "
               "Raw llama_decode timings in a fresh process per variant; medians of the repeats.", ""]

@@ -35,3 +35,21 @@ def test_omp_teams_reports_both_halves(test_gguf: Path) -> None:
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["threads"] == 2 and len(result["one_team_tok_s"]) == len(result["two_teams_tok_s"]) == 2
     assert result["median_one_team"] > 0 and result["median_two_teams"] > 0 and result["ratio"] > 0
+
+
+def test_levers_table_has_one_column_per_prompt_length() -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_levers", ROOT / "bench" / "gpu_levers.py")
+    assert spec and spec.loader
+    levers = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(levers)
+    results = ROOT / "bench" / "results"
+    for name, sizes in (("gpu-h200-levers-L48-cycles-2026-11-29.json", ["512"]),
+                        ("gpu-h200-levers-2026-11-28.json", ["512", "4096"])):
+        report = json.loads((results / name).read_text())
+        report["results"].append({"label": "broken", "error": "exit 1"})
+        table = [line for line in levers.markdown(report).splitlines() if line.startswith("|")]
+        header = [c.strip() for c in table[0].split("|")]
+        assert [c for c in header if c.startswith("pp")] == [f"pp{n} tok/s" for n in sizes]
+        assert len({line.count("|") for line in table}) == 1, table

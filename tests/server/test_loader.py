@@ -238,6 +238,28 @@ def test_gpu_placement_matches_logged_buffers(tiny_gguf, gpu_layers, cpu_moe_lay
 
 
 @pytest.mark.skipif(not llama_cpp.llama_supports_gpu_offload(), reason="this llama.cpp build has no GPU backend")
+def test_auto_with_a_small_budget_offloads_the_last_layers_experts(tiny_gguf):
+    """A --vram-budget that holds attn's part, the reserve and two layers' experts: `auto` keeps the
+    first two layers' experts in RAM, and the buffers llama.cpp logs agree with that plan."""
+    big = plan_for_gguf(tiny_gguf, settings(gpu_layers="auto", vram_budget=1 << 30), gpu_backend=True,
+                        free_bytes=1 << 40)
+    reserve = big.auto["reserve_bytes"]  # the headroom's floor applies below 8 GiB, so a smaller limit keeps it
+    two = plan_for_gguf(tiny_gguf, settings(gpu_layers="attn", cpu_moe_layers=2), gpu_backend=True)
+    layer_1 = sum(t.nbytes for t in two.tensors if t.tclass == "routed_expert" and t.layer == 1)
+    fields = settings(gpu_layers="auto", vram_budget=two.gpu_bytes + reserve + layer_1 // 2)
+    llama, summary = open_model(str(tiny_gguf), fields)
+    assert summary["auto"]["fits"] and summary["auto"]["cpu_moe_layers"] == 2, summary["auto"]
+    plan = plan_for_gguf(tiny_gguf, fields, gpu_backend=True)
+    assert compare_buffers(plan.to_json(), summary["buffers"])["ok"], summary["buffers"]
+    experts = [t for t in plan.tensors if t.tclass == "routed_expert"]
+    assert {t.layer for t in experts if t.device == "gpu"} == {2, 3}
+    assert {t.layer for t in experts if t.device == "cpu"} == {0, 1}
+    assert summary["overridden_tensors"] == sum(t.device == "cpu" for t in experts)
+    assert llama.create_completion("x = ", max_tokens=2)["choices"]
+    llama.close()
+
+
+@pytest.mark.skipif(not llama_cpp.llama_supports_gpu_offload(), reason="this llama.cpp build has no GPU backend")
 def test_no_host_buffer_keeps_the_experts_out_of_pinned_memory(tiny_gguf):
     for host_buffer in (True, False):
         llama, summary = open_model(str(tiny_gguf), settings(gpu_layers="attn", host_buffer=host_buffer))
