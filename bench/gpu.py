@@ -303,6 +303,9 @@ def common_flags(args: argparse.Namespace) -> list[str]:
 # --- step 2c: raw llama.cpp in a fresh process --------------------------------------------------
 
 
+DECODE_HEAD = 32  # the first decoded tokens, timed apart from the rest
+
+
 def raw_main(spec: dict[str, Any]) -> dict[str, Any]:
     """Load through server.loader (the server's own path) and time llama_decode directly."""
     import llama_cpp
@@ -329,17 +332,22 @@ def raw_main(spec: dict[str, Any]) -> dict[str, Any]:
     timed(prompt_ids(32, spec["vocab"], 1))  # warm-up
     seed = 100
     for n in spec["prompts"]:
-        speeds, decode = [], []
+        speeds, decode, head, tail = [], [], [], []
         for _ in range(spec["repeat"]):
             seed += 1
             llm.reset()
             speeds.append(n / timed(prompt_ids(n, spec["vocab"], seed)))
             if n == spec["prompts"][0]:
-                steps = prompt_ids(spec["decode"], spec["vocab"], seed + 7)
-                decode.append(len(steps) / sum(timed([t]) for t in steps))
+                steps = [timed([t]) for t in prompt_ids(spec["decode"], spec["vocab"], seed + 7)]
+                decode.append(len(steps) / sum(steps))
+                if len(steps) > DECODE_HEAD:  # does decoding start slower than it goes on?
+                    head.append(DECODE_HEAD / sum(steps[:DECODE_HEAD]))
+                    tail.append((len(steps) - DECODE_HEAD) / sum(steps[DECODE_HEAD:]))
         out["prompts"][str(n)] = {"prompt_tok_s": statistics.median(speeds)}
         if decode:
             out["decode_tok_s"] = statistics.median(decode)
+        if head:
+            out["decode_head_tok_s"], out["decode_tail_tok_s"] = statistics.median(head), statistics.median(tail)
     out["gpu_mib_smi"] = gpu_mib_of(os.getpid())
     out["rss_mib"] = rss_mib(os.getpid())
     return out

@@ -156,21 +156,23 @@ def markdown(report: dict[str, Any]) -> str:
              f"{report.get('bandwidth_after_gb_s', 0):.1f} after the variants)",
              f"Environment for every variant: {json.dumps(report.get('with_env', {}))}", "",
              "| variant | threads (decode/batch) | " + "".join(f"pp{n} tok/s | " for n in sizes)
-             + "decode tok/s | decode / baseline | decode / bound | CPU buffers |",
-             "|---|---|" + "---|" * len(sizes) + "---|---|---|---|"]
+             + "decode tok/s | first 32 / after | decode / baseline | decode / bound | CPU buffers |",
+             "|---|---|" + "---|" * len(sizes) + "---|---|---|---|---|"]
     for r in report["results"]:
         if "raw" not in r:
-            lines.append(f"| {r['label']} | error: {r.get('error', '')[:100]} |" + "|" * (len(sizes) + 4))
+            lines.append(f"| {r['label']} | error: {r.get('error', '')[:100]} |" + "|" * (len(sizes) + 5))
             continue
         raw, bound = r["raw"], r["bound_tok_s"]
         dec = raw.get("decode_tok_s")
+        head, tail = raw.get("decode_head_tok_s"), raw.get("decode_tail_tok_s")
+        split = f"{gpu.fmt(head)} / {gpu.fmt(tail)}" if head and tail else ""
         huge = raw.get("rss_mib", {}).get("AnonHugePages")
         cpu_bufs = (f"huge pages {huge} MiB; " if huge else "") + ", ".join(f"{k} {v / gpu.MiB:.0f} MiB" for k, v in raw["summary"]["buffers"].get("model", {}).items()
                              if not k.startswith("CUDA") or k == "CUDA_Host")
         lines.append(
             f"| {r['label']} | {raw.get('n_threads')}/{raw.get('n_threads_batch')} "
             + "".join(f"| {gpu.fmt(raw['prompts'].get(n, {}).get('prompt_tok_s'))} " for n in sizes)
-            + f"| {gpu.fmt(dec)} | {gpu.ratio(dec, base['raw'].get('decode_tok_s'))} "
+            + f"| {gpu.fmt(dec)} | {split} | {gpu.ratio(dec, base['raw'].get('decode_tok_s'))} "
             f"| {(dec / bound * 100) if dec else 0:.0f} % of {bound:.0f} | {cpu_bufs} |")
     lines += ["", "Bound = read bandwidth / routed-expert bytes per decoded token (that type's file). "
               "Raw llama_decode timings in a fresh process per variant; medians of the repeats.", ""]

@@ -3,10 +3,12 @@ every minute is counted: real llama.cpp, a real uvicorn server, a client process
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -37,13 +39,16 @@ def test_omp_teams_reports_both_halves(test_gguf: Path) -> None:
     assert result["median_one_team"] > 0 and result["median_two_teams"] > 0 and result["ratio"] > 0
 
 
-def test_levers_table_has_one_column_per_prompt_length() -> None:
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("gpu_levers", ROOT / "bench" / "gpu_levers.py")
+def bench_module(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
     assert spec and spec.loader
-    levers = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(levers)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_levers_table_has_one_column_per_prompt_length() -> None:
+    levers = bench_module("gpu_levers")
     results = ROOT / "bench" / "results"
     for name, sizes in (("gpu-h200-levers-L48-cycles-2026-11-29.json", ["512"]),
                         ("gpu-h200-levers-2026-11-28.json", ["512", "4096"])):
@@ -53,3 +58,13 @@ def test_levers_table_has_one_column_per_prompt_length() -> None:
         header = [c.strip() for c in table[0].split("|")]
         assert [c for c in header if c.startswith("pp")] == [f"pp{n} tok/s" for n in sizes]
         assert len({line.count("|") for line in table}) == 1, table
+
+
+def test_raw_decoding_reports_the_first_tokens_apart(test_gguf: Path) -> None:
+    spec = {"gguf": str(test_gguf), "gpu_layers": "attn", "cpu_moe_layers": None, "ctx_size": 512, "threads": 1,
+            "batch": 512, "ubatch": 512, "vocab": bench_module("gpu").tokenizer_size(test_gguf), "prompts": [16, 32], "decode": 40, "repeat": 2}
+    done = run("bench/gpu.py", "--raw", json.dumps(spec))
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert set(result["prompts"]) == {"16", "32"} and all(p["prompt_tok_s"] > 0 for p in result["prompts"].values())
+    assert result["decode_tok_s"] > 0 and result["decode_head_tok_s"] > 0 and result["decode_tail_tok_s"] > 0
