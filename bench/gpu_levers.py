@@ -41,6 +41,8 @@ import gpu  # noqa: E402  (bench/gpu.py: helpers shared with the placement bench
 ROOT = gpu.ROOT
 RECIPE_RULES = {"iq4_xs": [], "q4_k": ["--recipe", "attn-bf16-q4k"], "iq4_nl": ["--rule", "class:routed_expert=iq4_nl"],
                 "q4_0": ["--rule", "class:routed_expert=q4_0"], "q8_0": ["--recipe", "attn-bf16-q8"]}
+FUSED = "_fused"  # a type's GGUF with gate and up experts in one tensor (bench/fuse_experts.py)
+MODEL_TYPES = sorted([*RECIPE_RULES, *(t + FUSED for t in RECIPE_RULES)])
 
 
 def build_models(args: argparse.Namespace) -> dict[str, Path]:
@@ -48,12 +50,20 @@ def build_models(args: argparse.Namespace) -> dict[str, Path]:
     work.mkdir(parents=True, exist_ok=True)
     stem = f"{args.shape}-L{args.layers}" + (f"-e{args.experts}" if args.experts else "")
     hf = work / f"hf-{stem}"
-    out = {}
-    for qtype in args.types:
+    out: dict[str, Path] = {}
+
+    def build(qtype: str) -> Path:
         gguf_path = work / f"{stem}-{qtype}.gguf"
         if qtype == "iq4_xs" and not gguf_path.exists() and (work / f"{stem}.gguf").exists():
             gguf_path = work / f"{stem}.gguf"  # the placement benchmark's build
-        if not gguf_path.exists():
+        if gguf_path.exists():
+            pass
+        elif qtype.endswith(FUSED):
+            from fuse_experts import fuse
+
+            fuse(build(qtype.removesuffix(FUSED)), gguf_path)
+            gpu.log(f"fused gate and up experts: {gguf_path}")
+        else:
             if not (hf / "config.json").exists():
                 gpu.log(f"writing synthetic checkpoint {hf}")
                 gpu.write_bench_checkpoint(hf, args.shape, args.layers, args.experts)
@@ -63,6 +73,10 @@ def build_models(args: argparse.Namespace) -> dict[str, Path]:
                             *RECIPE_RULES[qtype]], cwd=ROOT, env=gpu.child_env(), check=True)
             gpu.log(f"built in {time.perf_counter() - t0:.0f} s")
         out[qtype] = gguf_path
+        return gguf_path
+
+    for qtype in args.types:
+        build(qtype)
     return out
 
 
@@ -121,7 +135,9 @@ def variants(args: argparse.Namespace) -> list[dict[str, Any]]:
     out.append({"label": "iq4_xs, no host buffer, huge pages", **base, "host_buffer": False,
                 "env": {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}})
     for qtype in args.types:
-        if qtype != "iq4_xs":
+        if qtype.endswith(FUSED):  # the one change against its own type's baseline
+            out.append({"label": f"{qtype.removesuffix(FUSED)} fused gate_up", "type": qtype})
+        elif qtype != "iq4_xs":
             out += [{"label": f"{qtype}", "type": qtype},
                     {"label": f"{qtype}, no host buffer", "type": qtype, "host_buffer": False},
                     {"label": f"{qtype}, no host buffer, no repack", "type": qtype, "host_buffer": False, "repack": False}]
@@ -160,7 +176,7 @@ def markdown(report: dict[str, Any]) -> str:
              "|---|---|" + "---|" * len(sizes) + "---|---|---|---|---|"]
     for r in report["results"]:
         if "raw" not in r:
-            lines.append(f"| {r['label']} | error: {r.get('error', '')[:100]} |" + "|" * (len(sizes) + 5))
+            lines.append(f"| {r['label']} | error: {' '.join(r.get('error', '').split())[:100]} |" + "|" * (len(sizes) + 5))
             continue
         raw, bound = r["raw"], r["bound_tok_s"]
         dec = raw.get("decode_tok_s")
@@ -190,7 +206,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="routed experts per layer (default: the shape's); fewer experts keep each token's "
                         "expert reads but shrink the files, e.g. for all 48 layers of Coder-Next")
     p.add_argument("--cycles", type=int, default=1, help="run the chosen variants this many times in turn")
-    p.add_argument("--types", nargs="+", default=["iq4_xs", "q4_k", "iq4_nl"], choices=sorted(RECIPE_RULES))
+    p.add_argument("--types", nargs="+", default=["iq4_xs", "q4_k", "iq4_nl"], choices=MODEL_TYPES)
     p.add_argument("--threads", nargs="*", type=int, default=[4, 12, 16], help="decode thread counts to try")
     p.add_argument("--ubatch", nargs="*", type=int, default=[1024, 2048, 4096], help="ubatch sizes to try")
     p.add_argument("--only", nargs="*", default=None, help="run only variants whose label starts with one of these")

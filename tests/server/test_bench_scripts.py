@@ -68,3 +68,50 @@ def test_raw_decoding_reports_the_first_tokens_apart(test_gguf: Path) -> None:
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert set(result["prompts"]) == {"16", "32"} and all(p["prompt_tok_s"] > 0 for p in result["prompts"].values())
     assert result["decode_tok_s"] > 0 and result["decode_head_tok_s"] > 0 and result["decode_tail_tok_s"] > 0
+
+
+def test_fused_experts_compute_the_same_logits(test_gguf: Path, tmp_path: Path) -> None:
+    import llama_cpp
+    import numpy as np
+    from gguf import GGUFReader
+
+    fused = tmp_path / "fused.gguf"
+    done = run("bench/fuse_experts.py", str(test_gguf), str(fused))
+    assert done.returncode == 0, done.stderr[-2000:]
+    before, after = GGUFReader(test_gguf), GGUFReader(fused)
+    old = {t.name: t for t in before.tensors}
+    new = {t.name: t for t in after.tensors}
+    layers = sorted({n.split(".")[1] for n in old if n.endswith("ffn_gate_exps.weight")})
+    assert layers and all(f"blk.{i}.ffn_gate_up_exps.weight" in new for i in layers)
+    assert not any(n.endswith(("ffn_gate_exps.weight", "ffn_up_exps.weight")) for n in new)
+    for name, t in new.items():
+        if name in old:
+            assert np.array_equal(t.data, old[name].data) and t.tensor_type == old[name].tensor_type, name
+    assert {k: f.contents() for k, f in after.fields.items() if not k.startswith("GGUF.")} == \
+        {k: f.contents() for k, f in before.fields.items() if not k.startswith("GGUF.")}
+
+    def logits(path: Path) -> tuple[np.ndarray, list[int]]:
+        llm = llama_cpp.Llama(str(path), n_ctx=256, n_threads=1, logits_all=True, verbose=False)
+        prompt = llm.tokenize(b"def add(a, b):\n    return", add_bos=False)
+        llm.eval(prompt)
+        scores = np.array(llm.scores[: len(prompt)])
+        generated = []
+        for _ in range(6):
+            generated.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+            llm.eval(generated[-1:])
+        llm.close()
+        return scores, generated
+
+    (a, gen_a), (b, gen_b) = logits(test_gguf), logits(fused)
+    assert np.array_equal(a, b) and gen_a == gen_b
+
+
+def test_fuse_experts_refuses_bad_input_and_leaves_no_file(test_gguf: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out.gguf"
+    missing = run("bench/fuse_experts.py", str(tmp_path / "none.gguf"), str(out))
+    assert missing.returncode == 2 and missing.stderr.count("\n") == 1 and "no such file" in missing.stderr
+    fused = tmp_path / "fused.gguf"
+    assert run("bench/fuse_experts.py", str(test_gguf), str(fused)).returncode == 0
+    again = run("bench/fuse_experts.py", str(fused), str(out))  # nothing left to fuse
+    assert again.returncode == 1 and "no separate gate and up" in again.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fused.gguf"]
