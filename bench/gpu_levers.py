@@ -40,7 +40,9 @@ import gpu  # noqa: E402  (bench/gpu.py: helpers shared with the placement bench
 
 ROOT = gpu.ROOT
 RECIPE_RULES = {"iq4_xs": [], "q4_k": ["--recipe", "attn-bf16-q4k"], "iq4_nl": ["--rule", "class:routed_expert=iq4_nl"],
-                "q4_0": ["--rule", "class:routed_expert=q4_0"], "q8_0": ["--recipe", "attn-bf16-q8"]}
+                "q4_0": ["--rule", "class:routed_expert=q4_0"], "q8_0": ["--recipe", "attn-bf16-q8"],
+                # the same IQ4_XS experts, the GPU's preserved tensors in F16 instead of BF16
+                "iq4_xs_f16": ["--recipe", "attn-f16-iq4xs"]}
 FUSED = "_fused"  # a type's GGUF with gate and up experts in one tensor (bench/fuse_experts.py)
 MODEL_TYPES = sorted([*RECIPE_RULES, *(t + FUSED for t in RECIPE_RULES)])
 
@@ -137,6 +139,8 @@ def variants(args: argparse.Namespace) -> list[dict[str, Any]]:
     for qtype in args.types:
         if qtype.endswith(FUSED):  # the one change against its own type's baseline
             out.append({"label": f"{qtype.removesuffix(FUSED)} fused gate_up", "type": qtype})
+        elif qtype == "iq4_xs_f16":
+            out.append({"label": "iq4_xs, F16 on the GPU", "type": qtype})
         elif qtype != "iq4_xs":
             out += [{"label": f"{qtype}", "type": qtype},
                     {"label": f"{qtype}, no host buffer", "type": qtype, "host_buffer": False},
