@@ -27,8 +27,11 @@ GATE = re.compile(r"^blk\.(\d+)\.ffn_gate_exps\.weight$")
 
 def fuse(src: Path, dst: Path) -> int:
     """Write the fused copy of `src` to `dst` (whole or not at all); returns how many layers were fused."""
-    reader = GGUFReader(src)
-    arch = str(reader.fields["general.architecture"].contents())
+    try:
+        reader = GGUFReader(src)
+        arch = str(reader.fields["general.architecture"].contents())
+    except (ValueError, KeyError, IndexError, OverflowError) as exc:
+        raise ValueError(f"{src}: not a readable GGUF file") from exc
     tensors = {t.name: t for t in reader.tensors}
     fd, tmp_name = tempfile.mkstemp(prefix=f".{dst.name}.", dir=dst.parent)
     os.close(fd)

@@ -110,6 +110,11 @@ def test_fuse_experts_refuses_bad_input_and_leaves_no_file(test_gguf: Path, tmp_
     out = tmp_path / "out.gguf"
     missing = run("bench/fuse_experts.py", str(tmp_path / "none.gguf"), str(out))
     assert missing.returncode == 2 and missing.stderr.count("\n") == 1 and "no such file" in missing.stderr
+    truncated = tmp_path / "truncated.gguf"
+    truncated.write_bytes(test_gguf.read_bytes()[:100])
+    broken = run("bench/fuse_experts.py", str(truncated), str(out))
+    assert broken.returncode == 1 and broken.stderr.count("\n") == 1 and "not a readable GGUF" in broken.stderr
+    truncated.unlink()
     fused = tmp_path / "fused.gguf"
     assert run("bench/fuse_experts.py", str(test_gguf), str(fused)).returncode == 0
     again = run("bench/fuse_experts.py", str(fused), str(out))  # nothing left to fuse
