@@ -13,10 +13,8 @@ the original's.
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -33,9 +31,7 @@ def fuse(src: Path, dst: Path) -> int:
     except (ValueError, KeyError, IndexError, OverflowError) as exc:
         raise ValueError(f"{src}: not a readable GGUF file") from exc
     tensors = {t.name: t for t in reader.tensors}
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{dst.name}.", dir=dst.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    tmp = dst.with_name(f".{dst.name}.partial")  # renamed into place when whole
     try:
         writer = GGUFWriter(tmp, arch, endianess=reader.endianess)
         if reader.alignment != writer.data_alignment:
@@ -79,6 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if not args.src.is_file():
         print(f"fuse_experts: {args.src}: no such file", file=sys.stderr)
+        return 2
+    if not args.dst.parent.is_dir():
+        print(f"fuse_experts: {args.dst.parent}: no such folder", file=sys.stderr)
         return 2
     if args.dst.resolve() == args.src.resolve():
         print("fuse_experts: the output must differ from the input", file=sys.stderr)

@@ -110,6 +110,8 @@ def test_fuse_experts_refuses_bad_input_and_leaves_no_file(test_gguf: Path, tmp_
     out = tmp_path / "out.gguf"
     missing = run("bench/fuse_experts.py", str(tmp_path / "none.gguf"), str(out))
     assert missing.returncode == 2 and missing.stderr.count("\n") == 1 and "no such file" in missing.stderr
+    nowhere = run("bench/fuse_experts.py", str(test_gguf), str(tmp_path / "none" / "out.gguf"))
+    assert nowhere.returncode == 2 and "no such folder" in nowhere.stderr
     truncated = tmp_path / "truncated.gguf"
     truncated.write_bytes(test_gguf.read_bytes()[:100])
     broken = run("bench/fuse_experts.py", str(truncated), str(out))
