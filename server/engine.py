@@ -9,6 +9,7 @@ than through Llama.create_completion, to own cancellation, usage counts, stop st
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import math
 import threading
@@ -202,7 +203,8 @@ class Engine:
             calls, self._calls = list(self._calls), deque()
             self._cond.notify_all()
         for _, future in calls:
-            future.set_exception(ModelNotReady("The model is not available"))
+            if future.set_running_or_notify_cancel():  # not withdrawn by its caller's timeout
+                future.set_exception(ModelNotReady("The model is not available"))
         if thread is not None and thread is not threading.current_thread():
             thread.join()
         self._release_model()
@@ -280,7 +282,7 @@ class Engine:
             self._cond.notify_all()
         try:
             return future.result(timeout)
-        except TimeoutError:
+        except concurrent.futures.TimeoutError:  # the builtin TimeoutError from Python 3.11 on
             future.cancel()
             raise
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -176,7 +177,7 @@ def test_run_exclusive_hands_back_results_and_errors(engine: Engine, test_gguf: 
         while not engine.stats().busy:
             await asyncio.sleep(0.01)
         ran: list[bool] = []
-        with pytest.raises(TimeoutError):
+        with pytest.raises(concurrent.futures.TimeoutError):
             engine.run_exclusive(ran.append, timeout=0.01)
         running.cancel()
         [e async for e in running.events()]
@@ -189,3 +190,28 @@ def test_run_exclusive_hands_back_results_and_errors(engine: Engine, test_gguf: 
     closed.close()
     with pytest.raises(ModelNotReady):
         closed.run_exclusive(lambda llama: None, timeout=60)
+
+
+def test_close_fails_queued_exclusive_work_and_skips_withdrawn_work(test_gguf: Path) -> None:
+    engine = Engine(model_factory(make_settings(test_gguf, ctx_size=512)))
+    engine.start()
+    assert engine.wait_loaded(120) == "ready"
+
+    async def scenario() -> None:
+        prompt = engine.tokenize("x = ")
+        bias = tuple((t, -100.0) for t in engine.info.eog_tokens)
+        engine.submit(prompt, GenerationParams(SamplingParams(**{**GREEDY.__dict__, "logit_bias": bias}),
+                                               max_tokens=400))
+        while not engine.stats().busy:
+            await asyncio.sleep(0.01)
+        with pytest.raises(concurrent.futures.TimeoutError):  # withdrawn, but still in the queue
+            engine.run_exclusive(lambda llama: None, timeout=0.01)
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            waiting = pool.submit(engine.run_exclusive, lambda llama: "ran", 60)
+            while len(engine._calls) < 2:
+                await asyncio.sleep(0.01)
+            engine.close()  # must not trip over the withdrawn call
+            with pytest.raises(ModelNotReady):
+                waiting.result(60)
+
+    asyncio.run(scenario())
