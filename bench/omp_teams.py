@@ -6,7 +6,7 @@ threads than CPUs, and libgomp then lets idle workers spin only briefly (its thr
 before they sleep, so every computation starts by waking them. coder-serve computes on its engine's
 thread only (server.engine.Engine.run_exclusive); this shows what a second thread would cost.
 
-    python bench/omp_teams.py MODEL.gguf [--threads N] [--tokens 128] [--rounds 5] [-- coder-serve flags]
+    python bench/omp_teams.py MODEL.gguf [--tokens 128] [--rounds 5] [-- coder-serve flags, e.g. --threads N]
 
 Side by side in one process: `--rounds` decodes of `--tokens` tokens by the main thread, then a second
 thread decodes 4 tokens and stays alive, then `--rounds` decodes by the main thread again. Prints the
@@ -42,10 +42,19 @@ def main(argv: list[str] | None = None) -> int:
     if not Path(args.model).is_file():
         p.error(f"model file not found: {args.model}")
     from server.cli import build_parser, settings_from_args
-    from server.loader import open_model
 
     settings = settings_from_args(build_parser().parse_args([args.model, *serve]))
-    llm, summary = open_model(args.model, settings)
+    if settings.pin_threads:  # as coder-serve does it: OpenMP's binding set before llama.cpp loads
+        from server.affinity import pin_llama_threads
+
+        pin_llama_threads()
+    from server.loader import ModelLoadError, open_model
+    from server.placement import PlacementError
+
+    try:
+        llm, summary = open_model(args.model, settings)
+    except (ModelLoadError, PlacementError) as exc:
+        p.error(str(exc))
     vocab = gpu.tokenizer_size(Path(args.model))
     seeds = iter(range(10_000))
 

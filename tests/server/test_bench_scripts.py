@@ -39,6 +39,13 @@ def test_omp_teams_reports_both_halves(test_gguf: Path) -> None:
     assert result["median_one_team"] > 0 and result["median_two_teams"] > 0 and result["ratio"] > 0
 
 
+def test_omp_teams_refuses_a_file_that_is_no_model(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"not a model")
+    done = run("bench/omp_teams.py", str(bad))
+    assert done.returncode == 2 and "not a readable GGUF" in done.stderr and "Traceback" not in done.stderr
+
+
 def bench_module(name: str) -> ModuleType:
     spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
     assert spec and spec.loader
