@@ -237,16 +237,30 @@ def test_gpu_placement_matches_logged_buffers(tiny_gguf, gpu_layers, cpu_moe_lay
     assert llama.create_completion("x = ", max_tokens=2)["choices"]
 
 
+def two_layer_budget(gguf: Path) -> SimpleNamespace:
+    """Settings for `auto` with a --vram-budget that holds attn's part, the reserve and the last two
+    layers' experts (and half a layer more)."""
+    big = plan_for_gguf(gguf, settings(gpu_layers="auto", vram_budget=1 << 30), gpu_backend=True, free_bytes=1 << 40)
+    reserve = big.auto["reserve_bytes"]  # the headroom's floor applies below 8 GiB, so a smaller limit keeps it
+    two = plan_for_gguf(gguf, settings(gpu_layers="attn", cpu_moe_layers=2), gpu_backend=True)
+    layer_1 = sum(t.nbytes for t in two.tensors if t.tclass == "routed_expert" and t.layer == 1)
+    return settings(gpu_layers="auto", vram_budget=two.gpu_bytes + reserve + layer_1 // 2)
+
+
+def test_a_two_layer_budget_plans_the_last_two_layers_experts_on_the_gpu(tiny_gguf):
+    """The plan the GPU test below loads, computed here without a GPU."""
+    plan = plan_for_gguf(tiny_gguf, two_layer_budget(tiny_gguf), gpu_backend=True, free_bytes=1 << 40)
+    assert plan.auto["fits"] and plan.auto["cpu_moe_layers"] == 2
+    experts = [t for t in plan.tensors if t.tclass == "routed_expert"]
+    assert {t.layer for t in experts if t.device == "gpu"} == {2, 3}
+    assert {t.layer for t in experts if t.device == "cpu"} == {0, 1}
+
+
 @pytest.mark.skipif(not llama_cpp.llama_supports_gpu_offload(), reason="this llama.cpp build has no GPU backend")
 def test_auto_with_a_small_budget_offloads_the_last_layers_experts(tiny_gguf):
-    """A --vram-budget that holds attn's part, the reserve and two layers' experts: `auto` keeps the
-    first two layers' experts in RAM, and the buffers llama.cpp logs agree with that plan."""
-    big = plan_for_gguf(tiny_gguf, settings(gpu_layers="auto", vram_budget=1 << 30), gpu_backend=True,
-                        free_bytes=1 << 40)
-    reserve = big.auto["reserve_bytes"]  # the headroom's floor applies below 8 GiB, so a smaller limit keeps it
-    two = plan_for_gguf(tiny_gguf, settings(gpu_layers="attn", cpu_moe_layers=2), gpu_backend=True)
-    layer_1 = sum(t.nbytes for t in two.tensors if t.tclass == "routed_expert" and t.layer == 1)
-    fields = settings(gpu_layers="auto", vram_budget=two.gpu_bytes + reserve + layer_1 // 2)
+    """On a GPU: `auto` under that budget keeps the first two layers' experts in RAM, and the buffers
+    llama.cpp logs agree with the plan."""
+    fields = two_layer_budget(tiny_gguf)
     llama, summary = open_model(str(tiny_gguf), fields)
     assert summary["auto"]["fits"] and summary["auto"]["cpu_moe_layers"] == 2, summary["auto"]
     plan = plan_for_gguf(tiny_gguf, fields, gpu_backend=True)
