@@ -197,13 +197,14 @@ def measure(args: argparse.Namespace, serve_argv: list[str]) -> dict[str, Any]:
                 raw, http = srv.raw(prompt, steps), http_round(srv, cmd, args.load_timeout, long_prompt)
             row = {"round": r, "order": "http first" if r % 2 else "raw first", "raw_tok_s": raw, **http,
                    "http_over_raw": http["http_tok_s"] / raw if http["http_tok_s"] else None}
+            row["engine_rest_ms"] = rest_ms(row)
             gpu.log(json.dumps(row))
             rounds.append(row)
         summary = srv.summary
         threads = {"decode": srv.llm.n_threads, "batch": srv.llm.context_params.n_threads_batch}
-    medians = {k: statistics.median(x[k] for x in rounds if x[k]) for k in ("raw_tok_s", "http_tok_s", "engine_tok_s",
-                                                                           "http_over_raw", "engine_eval_ms",
-                                                                           "engine_sample_ms", "raw_same_tokens_tok_s")}
+    medians = {k: median_of(x.get(k) for x in rounds)
+               for k in ("raw_tok_s", "http_tok_s", "engine_tok_s", "http_over_raw", "engine_eval_ms",
+                         "engine_sample_ms", "engine_rest_ms", "raw_same_tokens_tok_s")}
     return {"label": args.label, "machine": gpu.machine(), "model": args.model, "serve_args": serve_argv,
             "prompt": args.prompt, "decode": args.decode, "rounds": rounds, "median": medians,
             "placement": {k: summary.get(k) for k in ("preset_effective", "n_gpu_layers", "batch", "ubatch")},
@@ -211,7 +212,8 @@ def measure(args: argparse.Namespace, serve_argv: list[str]) -> dict[str, Any]:
 
 
 def markdown(report: dict[str, Any]) -> str:
-    m = report["median"]
+    # the rest's median from the rounds themselves, also for reports written before it was recorded
+    m = {**report["median"], "engine_rest_ms": median_of(rest_ms(r) for r in report["rounds"])}
     lines = [f"# Decode through HTTP against raw llama_decode, one process: {report['label']}", "",
              f"Machine: {json.dumps(report['machine'])}",
              f"coder-serve arguments: `{' '.join(report['serve_args'])}`; prompt {report['prompt']} tokens, "
@@ -230,12 +232,25 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def median_of(values: Any) -> float | None:
+    """The median of the values that were measured; None when none was."""
+    got = [v for v in values if v is not None]
+    return statistics.median(got) if got else None
+
+
+def rest_ms(row: dict[str, Any]) -> float | None:
+    """The engine's time per token (from its own tok/s) less its eval and sample: its loop's own share."""
+    engine, ev, sa = row.get("engine_tok_s"), row.get("engine_eval_ms"), row.get("engine_sample_ms")
+    return 1e3 / engine - ev - sa if engine and ev is not None and sa is not None else None
+
+
 def split_ms(row: dict[str, Any]) -> str:
-    """raw ms/token | eval | sample | the engine's loop minus both (from its own tok/s)."""
-    raw, engine = row.get("raw_tok_s"), row.get("engine_tok_s")
-    ev, sa = row.get("engine_eval_ms"), row.get("engine_sample_ms")
-    rest = 1e3 / engine - ev - sa if engine and ev is not None and sa is not None else None
-    return " | ".join(gpu.fmt(v, 3) for v in (1e3 / raw if raw else None, ev, sa, rest))
+    """raw ms/token | eval | sample | the rest of the engine's loop. The median row carries the median of
+    the rounds' rests; rebuilding it from the other medians would mix rounds."""
+    raw = row.get("raw_tok_s")
+    rest = row["engine_rest_ms"] if "engine_rest_ms" in row else rest_ms(row)
+    return " | ".join(gpu.fmt(v, 3) for v in (1e3 / raw if raw else None, row.get("engine_eval_ms"),
+                                              row.get("engine_sample_ms"), rest))
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:

@@ -54,6 +54,17 @@ def bench_module(name: str) -> ModuleType:
     return module
 
 
+def test_http_overhead_median_row_takes_each_columns_median_over_the_rounds(monkeypatch) -> None:
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))  # it imports its sibling bench/gpu.py
+    overhead = bench_module("http_overhead")
+    report = json.loads((ROOT / "bench" / "results" / "gpu-h200-http-L48-threads-t16a-2026-11-29.json").read_text())
+    rows = [line.split("|") for line in overhead.markdown(report).splitlines() if line.startswith("| ")]
+    rounds = [r for r in rows if r[1].strip().isdigit()]
+    median = next(r for r in rows if r[1].strip() == "median")
+    rests = sorted(float(r[-2]) for r in rounds)
+    assert len(rounds) == 5 and float(median[-2]) == rests[2]  # not rebuilt from the other columns' medians
+
+
 def test_levers_table_has_one_column_per_prompt_length() -> None:
     levers = bench_module("gpu_levers")
     results = ROOT / "bench" / "results"
