@@ -130,7 +130,8 @@ def variants(args: argparse.Namespace) -> list[dict[str, Any]]:
             {"label": "omp threads pinned", **base, "env": {"OMP_PROC_BIND": "close", "OMP_PLACES": "cores"}},
             {"label": "cuda graphs off", **base, "env": {"GGML_CUDA_DISABLE_GRAPHS": "1"}}]
     # Before Ampere, llama.cpp multiplies BF16 matrices of more than 8 tokens through cuBLAS in F32;
-    # forcing that compute type here prices the BF16 warning's path on this GPU (not on an older one).
+    # the variable forces that compute type on every cuBLAS product, which prices the BF16 warning's
+    # path on this GPU (not on an older one, whose F32 rate is far lower).
     out.append({"label": "bf16 gemm in f32", **base, "env": {"GGML_CUDA_CUBLAS_COMPUTE_TYPE": "f32"}})
     # Without the GPU's pinned host buffer llama.cpp may repack experts into its CPU layouts (types that
     # have one); "no repack" beside it isolates what the repacking itself does.

@@ -148,6 +148,7 @@ def choose_auto(tensors: Sequence[TensorInfo], shape: MemoryShape, ctx_size: int
 # ggml-cuda logs each device at init: "Device 0: NVIDIA H200, compute capability 9.0, VMM: yes, ..."
 COMPUTE_CAPABILITY = re.compile(r"compute capability (\d+)\.(\d+)")
 BF16_FAST_SINCE = (8, 0)  # Ampere: native BF16 tensor-core math
+VOLTA = (7, 0)  # the first tensor cores (F16)
 BF16_RECIPE_HINT = "coder-quant build SRC OUT.gguf --recipe attn-f16-iq4xs (or attn-q8-iq4xs, smaller)"
 
 
@@ -168,10 +169,14 @@ def bf16_warning(compute_capability: tuple[int, int] | None, gpu_types: set[str]
     if "BF16" not in {t.upper() for t in gpu_types}:
         return None
     major, minor = compute_capability
+    # the pinned llama.cpp sends BF16 products of more tokens than this through cuBLAS in F32
+    batch = 8 if compute_capability >= VOLTA else 128
     return (
-        f"this GPU (compute capability {major}.{minor}) has no fast BF16 math: the BF16 tensors on it run "
-        f"slowly. Rebuild the GGUF with the preserved tensors in F16 or Q8_0: {BF16_RECIPE_HINT}; "
-        "the result is then no longer bit-for-bit with the original weights."
+        f"this GPU (compute capability {major}.{minor}) has no fast BF16 math: llama.cpp multiplies the BF16 "
+        f"tensors on it in F32, without tensor cores, for batches of more than {batch} tokens, so prompts "
+        f"are processed slowly (decoding one token at a time is not affected). Rebuild the GGUF with the "
+        f"preserved tensors in F16 or Q8_0: {BF16_RECIPE_HINT}; the result is then no longer bit-for-bit "
+        "with the original weights."
     )
 
 

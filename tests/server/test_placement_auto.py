@@ -196,6 +196,7 @@ def test_bf16_warning(cc, types, warns):
     assert (message is not None) == warns
     if message:
         assert "no longer bit-for-bit" in message and "--recipe attn-f16-iq4xs" in message
+        assert f"more than {8 if cc >= (7, 0) else 128} tokens" in message and "decoding" in message
 
 
 @pytest.mark.parametrize(("recipe", "warns"), [("attn-bf16-iq4xs", True), ("attn-f16-iq4xs", False),
