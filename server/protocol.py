@@ -11,6 +11,7 @@ from __future__ import annotations
 import inspect
 import json
 import logging
+import re
 from typing import Annotated, Any, Literal
 
 from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
@@ -27,6 +28,14 @@ log = logging.getLogger(__name__)
 INT64 = 2**63
 MAX_TOKENS = 2**31 - 1  # llama.cpp counts tokens in int32
 MAX_STOP = 32  # OpenAI allows 4; editor autocomplete (Continue) sends up to ~20
+# A response_format schema's counts (string lengths, item and property counts, a pattern's {n,m}) become
+# that many nested grammar groups, and llama.cpp parses each level by recursion: bounded well below the
+# depth that overflows its stack, and below a grammar string that takes seconds to build.
+MAX_SCHEMA_COUNT = 1024
+SCHEMA_COUNTS = ("minLength", "maxLength", "minItems", "maxItems", "minProperties", "maxProperties",
+                 "minContains", "maxContains")
+SCHEMA_DATA = ("const", "enum", "default", "examples")  # values, not schemas: their keys mean nothing
+PATTERN_COUNT = re.compile(r"\{\s*(\d+)\s*(?:,\s*(\d*)\s*)?\}")
 
 
 class _Model(BaseModel):
@@ -246,6 +255,7 @@ class ChatCompletionRequest(_Model):
             return JSON_GBNF
         if isinstance(fmt, ResponseFormatJSONSchema):
             schema = fmt.json_schema.schema_ or {"type": "object"}
+            _check_schema_counts(schema)
             try:
                 return json_schema_to_gbnf(json.dumps(schema))
             except Exception:  # the converter raises bare exceptions for schemas it cannot express
@@ -338,6 +348,31 @@ class CompletionRequest(_Model):
 # ---- shared conversion ----
 
 
+def _check_schema_counts(schema: Any) -> None:
+    """Refuse a schema with a count over MAX_SCHEMA_COUNT anywhere in it (see there)."""
+    param = "response_format.json_schema.schema"
+    stack = [schema]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, list):
+            stack.extend(node)
+            continue
+        if not isinstance(node, dict):
+            continue
+        for key, value in node.items():
+            if key in SCHEMA_COUNTS and isinstance(value, (int, float)) and not isinstance(value, bool):
+                if value > MAX_SCHEMA_COUNT:
+                    raise InvalidRequest(f"'{key}' of {value:g} is over the {MAX_SCHEMA_COUNT} this server turns "
+                                         "into a grammar", param=param)
+            elif key == "pattern" and isinstance(value, str):
+                counts = [n for m in PATTERN_COUNT.finditer(value) for n in m.groups() if n]
+                if any(len(n) > 9 or int(n) > MAX_SCHEMA_COUNT for n in counts):
+                    raise InvalidRequest(f"a repetition count in 'pattern' is over the {MAX_SCHEMA_COUNT} this "
+                                         "server turns into a grammar", param=param)
+            elif isinstance(value, (dict, list)) and key not in SCHEMA_DATA:
+                stack.append(value)
+
+
 def _stops(stop: str | list[str] | None) -> tuple[str, ...]:
     if stop is None:
         return ()
@@ -347,7 +382,7 @@ def _stops(stop: str | list[str] | None) -> tuple[str, ...]:
 def _sampling(req: ChatCompletionRequest | CompletionRequest, d: Settings, n_vocab: int) -> SamplingParams:
     bias = []
     for key, value in (req.logit_bias or {}).items():
-        if not key.strip().isdigit() or not 0 <= int(key) < n_vocab:
+        if not key.strip().isascii() or not key.strip().isdigit() or not 0 <= int(key) < n_vocab:
             raise InvalidRequest(f"logit_bias key '{key}' is not a token id below {n_vocab}", param="logit_bias")
         bias.append((int(key), float(value)))
     return SamplingParams(

@@ -66,7 +66,7 @@ def test_top_logprobs_needs_logprobs() -> None:
 def test_logit_bias_keys_must_be_token_ids_in_the_vocabulary() -> None:
     p = chat(logit_bias={"7": -100}).to_generation(DEFAULTS, N_VOCAB)
     assert p.sampling.logit_bias == ((7, -100.0),)
-    for key in ("4096", "x", "-1"):
+    for key in ("4096", "x", "-1", "\u00b2", "\u0663"):  # superscript two and Arabic three: digits, not ids
         with pytest.raises(InvalidRequest) as info:
             chat(logit_bias={key: 1}).to_generation(DEFAULTS, N_VOCAB)
         assert info.value.param == "logit_bias"
@@ -79,6 +79,33 @@ def test_response_formats_become_grammars() -> None:
     grammar = chat(response_format=fmt).to_generation(DEFAULTS, N_VOCAB).grammar
     assert "yes" in grammar and "answer" in grammar
     assert chat(response_format={"type": "text"}).to_generation(DEFAULTS, N_VOCAB).grammar is None
+
+
+def json_schema_format(schema: dict) -> dict:
+    return {"type": "json_schema", "json_schema": {"name": "a", "schema": schema}}
+
+
+@pytest.mark.parametrize("schema", [
+    {"type": "string", "maxLength": 30000},
+    {"type": "string", "minLength": 1e9},
+    {"type": "object", "properties": {"xs": {"type": "array", "items": {"type": "integer"}, "maxItems": 5000}}},
+    {"anyOf": [{"type": "null"}, {"type": "string", "pattern": "^a{0,20000}$"}]},
+    {"type": "string", "pattern": "^a{" + "9" * 5000 + "}$"},
+])
+def test_schema_counts_that_would_nest_too_deep_are_refused(schema: dict) -> None:
+    with pytest.raises(InvalidRequest) as info:
+        chat(response_format=json_schema_format(schema)).to_generation(DEFAULTS, N_VOCAB)
+    assert info.value.param == "response_format.json_schema.schema" and "1024" in str(info.value)
+
+
+def test_schema_counts_within_the_bound_and_lookalike_keys_pass() -> None:
+    schema = {"type": "object", "properties": {
+        "code": {"type": "string", "maxLength": 1024, "pattern": "^[a-z]{1,64}$"},
+        "maxLength": {"type": "integer"},  # a property of that name is no count
+        "mode": {"enum": [{"maxItems": 99999}], "default": {"minLength": 5000}},  # data, not schema
+    }}
+    grammar = chat(response_format=json_schema_format(schema)).to_generation(DEFAULTS, N_VOCAB).grammar
+    assert "code" in grammar and "mode" in grammar
 
 
 def test_non_text_content_parts_are_refused_naming_the_part() -> None:

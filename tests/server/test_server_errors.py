@@ -46,6 +46,10 @@ def assert_error(response: httpx.Response, status: int, *, param: str | None = N
         ({"top_logprobs": 3}, "top_logprobs"),
         ({"logit_bias": {"999999": 1}}, "logit_bias"),
         ({"response_format": {"type": "json_schema"}}, "response_format.json_schema"),
+        ({"logit_bias": {"\u00b2": 1}}, "logit_bias"),
+        # 30,000 nested grammar groups overflowed llama.cpp's parser and killed the process
+        ({"response_format": {"type": "json_schema", "json_schema": {
+            "name": "x", "schema": {"type": "string", "maxLength": 30000}}}}, "response_format.json_schema.schema"),
     ],
 )
 def test_bad_values_are_400_naming_the_parameter(server: LiveServer, fields: dict, param: str) -> None:
