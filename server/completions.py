@@ -39,8 +39,11 @@ async def start_completion(
 ) -> tuple[Job, CompletionTurn]:
     info = engine.info
     params = req.to_generation(settings, info.n_vocab)
-    text = req.prompt_text()
-    if text is None:
+    text, fim = req.prompt_text(), req.fill_in_middle()
+    if fim is not None:
+        tokens = await run_in_threadpool(engine.fim_tokens, *fim)
+        echo = text if req.echo else ""
+    elif text is None:
         tokens = list(req.prompt)  # token ids
         if any(t >= info.n_vocab for t in tokens):
             raise InvalidRequest(f"prompt token ids must be below {info.n_vocab}", param="prompt")

@@ -237,6 +237,22 @@ class Engine:
         info = self.info
         return list(self._llama.tokenize(text.encode("utf-8"), add_bos=info.add_bos, special=True))
 
+    def fim_tokens(self, prefix: str, suffix: str) -> list[int]:
+        """The fill-in-the-middle layout, <|fim_prefix|>P<|fim_suffix|>S<|fim_middle|>, from the model's own
+        FIM tokens, with the code tokenized as text: a marker written inside the code stays text."""
+        info = self.info
+        marks = [f(self._vocab) for f in (llama_cpp.llama_vocab_fim_pre, llama_cpp.llama_vocab_fim_suf,
+                                          llama_cpp.llama_vocab_fim_mid)]
+        if min(marks) < 0:
+            raise InvalidRequest("This model has no fill-in-the-middle tokens", param="suffix")
+
+        def text(s: str) -> list[int]:
+            return list(self._llama.tokenize(s.encode("utf-8"), add_bos=False, special=False)) if s else []
+
+        pre, suf, mid = marks
+        bos = list(self._llama.tokenize(b"", add_bos=True, special=False)) if info.add_bos else []
+        return [*bos, pre, *text(prefix), suf, *text(suffix), mid]
+
     def check_grammar(self, gbnf: str) -> None:
         self.info  # noqa: B018 - raises ModelNotReady before the vocabulary exists
         check_grammar(self._vocab, gbnf)

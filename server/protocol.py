@@ -322,18 +322,20 @@ class CompletionRequest(_Model):
     _check_n = field_validator("n", "best_of")(_only_one)
 
     def prompt_text(self) -> str | None:
-        """The text to tokenize (special-token text included), or None for a token-id prompt.
-
-        With `suffix`, the Qwen fill-in-the-middle layout: <|fim_prefix|>P<|fim_suffix|>S<|fim_middle|>.
-        """
+        """The text prompt, special-token text in it parsed as such (editors send their own
+        fill-in-the-middle layouts this way), or None for a token-id prompt."""
         text = self.prompt[0] if isinstance(self.prompt, list) and isinstance(self.prompt[0], str) else self.prompt
         if not isinstance(text, str):
             if self.suffix is not None:
                 raise InvalidRequest("suffix needs a text prompt, not token ids", param="suffix")
             return None
-        if self.suffix is None:
-            return text
-        return f"<|fim_prefix|>{text}<|fim_suffix|>{self.suffix}<|fim_middle|>"
+        return text
+
+    def fill_in_middle(self) -> tuple[str, str] | None:
+        """(prefix, suffix) when `suffix` is given: the engine lays them out with the model's
+        fill-in-the-middle tokens, and the code in them stays text."""
+        text = self.prompt_text()
+        return None if text is None or self.suffix is None else (text, self.suffix)
 
     def to_generation(self, defaults: Settings, n_vocab: int) -> GenerationParams:
         return GenerationParams(

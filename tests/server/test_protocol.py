@@ -133,7 +133,8 @@ def test_tool_choice_none_hides_the_tools() -> None:
 
 def test_completion_prompt_and_fill_in_the_middle() -> None:
     req = CompletionRequest(model="m", prompt="def f(", suffix="\n    return x\n")
-    assert req.prompt_text() == "<|fim_prefix|>def f(<|fim_suffix|>\n    return x\n<|fim_middle|>"
+    assert req.prompt_text() == "def f(" and req.fill_in_middle() == ("def f(", "\n    return x\n")
+    assert CompletionRequest(model="m", prompt="def f(").fill_in_middle() is None
     assert CompletionRequest(model="m", prompt=["abc"]).prompt_text() == "abc"
     assert CompletionRequest(model="m", prompt=[1, 2, 3]).prompt_text() is None
     with pytest.raises(InvalidRequest):

@@ -127,6 +127,17 @@ def test_completion_parses_special_tokens_in_the_prompt(client: openai.OpenAI, s
     assert with_suffix.usage.prompt_tokens == out.usage.prompt_tokens
 
 
+def test_fill_in_the_middle_keeps_marker_text_in_the_code_as_text(client: openai.OpenAI, server: LiveServer) -> None:
+    """Code that mentions the markers (a tokenizer's source, this project's own) must not gain real ones."""
+    prefix, suffix = 'MARK = "<|fim_suffix|>"\n', "\nprint(MARK)\n"
+    engine = server.engine
+    tokens = engine.fim_tokens(prefix, suffix)
+    (mark,) = engine.tokenize("<|fim_suffix|>")
+    assert tokens.count(mark) == 1 and engine.tokenize(f"<|fim_prefix|>{prefix}<|fim_suffix|>{suffix}").count(mark) == 2
+    out = client.completions.create(model="m", prompt=prefix, suffix=suffix, max_tokens=4, temperature=0)
+    assert out.usage.prompt_tokens == len(tokens)
+
+
 def test_completion_streaming_with_usage_and_logprobs(client: openai.OpenAI) -> None:
     whole = client.completions.create(model="m", prompt="import os\n", max_tokens=6, temperature=0, logprobs=2)
     chunks = list(client.completions.create(model="m", prompt="import os\n", max_tokens=6, temperature=0, stream=True,
