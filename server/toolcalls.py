@@ -211,10 +211,11 @@ class StreamParser:
             return state, end, name, True
         if state == _MORE:
             return _MORE, i, "", True
-        # Calls that forget the opening <tool_call> are accepted for functions the request declared.
+        # Calls that forget the opening <tool_call> are accepted for functions the request declared, when
+        # a parameter or </function> follows: prose that names a tool's tag is no call.
         state, name, end = _match_named(buf, i, FUNC_OPEN)
-        if state == _YES and name not in self._specs:
-            state = _NO
+        if state == _YES:
+            state = _bare_call_follows(buf, _skip_ws(buf, end)) if name in self._specs else _NO
         return state, end, name, False
 
     def _body(self, final: bool) -> bool:
@@ -426,6 +427,12 @@ class StreamParser:
 def _before_newline(buf: str, k: int) -> int:
     """Where a value ends when its closing tag starts at k: the format's newline is not part of it."""
     return k - 1 if k > 0 and buf[k - 1] == "\n" else k
+
+
+def _bare_call_follows(buf: str, pos: int) -> str:
+    """Whether the format's next markup, a parameter or </function>, is at pos."""
+    states = (_match_named(buf, pos, PARAM_OPEN)[0], _match(buf, pos, FUNC_CLOSE))
+    return _YES if _YES in states else _MORE if _MORE in states else _NO
 
 
 def _skip_ws(buf: str, pos: int) -> int:

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from server.templates import ChatTemplate
-from server.toolcalls import convert_value, finish_reason, parse_turn, tools_active
+from server.toolcalls import StreamParser, accumulate, convert_value, finish_reason, parse_turn, tools_active
 
 
 def fn(name: str, properties: dict[str, Any] | None = None, required: list[str] | None = None) -> dict[str, Any]:
@@ -179,6 +179,24 @@ def test_markup_that_is_not_a_call_is_content() -> None:
     text = "Use <tool_call> tags, <function=unknown_fn> or a < b <tool_call>\nplain text</tool_call>"
     turn = parse_turn(text, TOOLS)
     assert turn.tool_calls == [] and turn.content == text
+
+
+def streamed_turn(text: str) -> Any:
+    """The text fed one character at a time, as a stream arrives."""
+    parser = StreamParser(TOOLS, True)
+    events = [e for ch in text for e in parser.feed(ch)] + parser.close()
+    return accumulate(events, parser.incomplete)
+
+
+@pytest.mark.parametrize("parse", [lambda t: parse_turn(t, TOOLS), streamed_turn])
+def test_prose_naming_a_declared_tools_tag_is_content(parse: Any) -> None:
+    for text in ("To read, write <function=read_file> then the path.",
+                 "The tag <function=list_dir>\nopens a call.", "It ends with <function=read_file>"):
+        turn = parse(text)
+        assert turn.tool_calls == [] and turn.content == text and not turn.incomplete
+    bare = "Sure. <function=read_file>\n<parameter=path>\na.py\n</parameter>\n</function>"
+    assert args_of(parse(bare)) == {"path": "a.py"}
+    assert parse("<function=list_dir>\n</function>").tool_calls[0]["function"]["arguments"] == "{}"
 
 
 @pytest.mark.parametrize("tools", [None, []])
