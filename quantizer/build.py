@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import logging
+import math
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from quantizer import arch as arch_registry
+from quantizer import ggml
 from quantizer.covariance import load_covariances
 from quantizer.equalize import EQUALIZE_METHOD, Equalizer
-from quantizer.errors import QuantError
+from quantizer.errors import ImatrixError, QuantError
 from quantizer.gptq import GPTQ_METHOD, SHRINK, GptqRounder
 from quantizer.imatrix import check_against, load_imatrix
 from quantizer.plan import Plan, make_plan
 from quantizer.recipes import KEEP, Recipe, get_recipe
-from quantizer.source import Checkpoint, open_checkpoint
+from quantizer.source import SIDE_FILES, Checkpoint, open_checkpoint
 from quantizer.spec import TensorSpec
 from quantizer.vocab import load_vocab
 from quantizer.writer import ProgressFn, Provenance, WriteResult, write_gguf
@@ -47,6 +51,27 @@ def validate_sources(checkpoint: Checkpoint, specs: list[TensorSpec]) -> None:
                 raise QuantError(f"checkpoint tensor {name!r} has dtype {entry.dtype}; need BF16, F16 or F32")
 
 
+def check_output(out: Path, checkpoint: Checkpoint) -> None:
+    """Refuse an output that is the source folder or one of its files: the rename would replace it."""
+    sources = [checkpoint.path, *checkpoint.files, *(checkpoint.path / name for name in SIDE_FILES)]
+    for source in sources:
+        if out.exists() and source.exists() and os.path.samefile(out, source):
+            what = "folder" if source == checkpoint.path else f"file {source.name}"
+            raise QuantError(f"{out} is the source checkpoint's {what}; choose another output path")
+
+
+def check_imatrix_coverage(plan: Plan, imatrix: Mapping[str, object] | None) -> None:
+    """Every tensor of a type ggml quantizes only with importance data has some, checked before any work."""
+    for entry in plan.entries:
+        if ggml.is_quantized(entry.type) and ggml.requires_imatrix(entry.type) and (
+            imatrix is None or entry.name not in imatrix
+        ):
+            hint = " (use --imatrix)" if imatrix is None else ""
+            raise ImatrixError(
+                f"{entry.name}: type {entry.type} cannot be quantized without an importance matrix{hint}"
+            )
+
+
 def _rule_text(recipe: Recipe) -> tuple[str, ...]:
     return tuple(f"{r.pattern}={r.type if r.type != KEEP else 'keep'} ({r.label})" for r in recipe.rules)
 
@@ -71,20 +96,22 @@ def build_gguf(
     the importance matrix, and leaves every other tensor as it would be. `gptq` names a covariance
     file (quantizer.covariance) with which routed IQ4_XS experts are rounded by GPTQ (quantizer.gptq)."""
     out = Path(out)
-    if out.exists() and not force:
-        raise QuantError(f"{out} exists (use --force to overwrite)")
-    if gptq_shrink < 0:
-        raise QuantError(f"--gptq-shrink must be 0 or more, got {gptq_shrink:g}")
+    if not math.isfinite(gptq_shrink) or gptq_shrink < 0:
+        raise QuantError(f"--gptq-shrink must be a finite number, 0 or more, got {gptq_shrink:g}")
     if equalize and imatrix is None:
         raise QuantError("--equalize needs --imatrix: the channel scales come from the importance matrix")
     chosen = get_recipe(recipe, tuple(rules))
-    checkpoint = open_checkpoint(source)
+    checkpoint = open_checkpoint(source)  # reads headers only
+    check_output(out, checkpoint)
+    if out.exists() and not force:
+        raise QuantError(f"{out} exists (use --force to overwrite)")
     module = arch_registry.get_arch(checkpoint.config)
     specs = checkpoint_specs(checkpoint)
     validate_sources(checkpoint, specs)
     vocab = load_vocab(checkpoint.path, module.hparams(checkpoint.config))
     weights = check_against(load_imatrix(imatrix), specs) if imatrix is not None else None
     plan = make_plan(specs, chosen)
+    check_imatrix_coverage(plan, weights.entries if weights is not None else None)
     equalizer = None
     if equalize and weights is not None:  # (checked above: equalize comes with an imatrix)
         equalizer = Equalizer(plan.entries, weights.entries, weights.present,

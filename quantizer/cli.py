@@ -44,13 +44,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
     try:
+        # inside the try: building the parser imports every sub-command (numpy, gguf...), which takes
+        # long enough for a Ctrl-C to land there
+        args = build_parser().parse_args(argv)
+        logging.basicConfig(
+            level=logging.DEBUG if args.verbose else logging.INFO,
+            format="%(levelname)s %(name)s: %(message)s",
+        )
         return int(args.handler(args) or 0)
     except QuantError as exc:
         print(f"coder-quant: error: {exc}", file=sys.stderr)

@@ -145,16 +145,32 @@ def requires_imatrix(qtype: str | int) -> bool:
     return bool(_lib().ggml_quantize_requires_imatrix(ggml_type(type_name(qtype))))
 
 
-def _check_imatrix(imatrix: np.ndarray | None, n_mat: int, ncols: int) -> np.ndarray | None:
+def _check_imatrix(imatrix: np.ndarray | None, n_mat: int, ncols: int, what: str) -> np.ndarray | None:
     if imatrix is None:
         return None
     imat = np.ascontiguousarray(imatrix, dtype=np.float32)
     if imat.size != n_mat * ncols or imat.ndim > 2 or imat.shape[-1] != ncols:
         want = f"({ncols},)" if n_mat == 1 else f"({n_mat}, {ncols})"
-        raise ImatrixError(f"importance matrix has shape {imatrix.shape}, tensor needs {want}")
+        raise ImatrixError(f"{what}: importance matrix has shape {imatrix.shape}, tensor needs {want}")
+    # means of squares are >= 0; a negative weight aborts the IQ3/IQ2 searches (GGML_ASSERT(grid_index >= 0))
+    # and zeroes IQ4_XS blocks, so neither may reach ggml
     if not np.isfinite(imat).all():
-        raise ImatrixError("importance matrix contains non-finite values")
+        raise ImatrixError(f"{what}: importance matrix contains non-finite values")
+    if (imat < 0).any():
+        raise ImatrixError(f"{what}: importance matrix contains negative values")
     return imat.reshape(n_mat, ncols)
+
+
+def _check_finite(src: np.ndarray, rows: int, what: str) -> None:
+    """Refuse Inf/NaN in `src` (n_mat * rows, cols): ggml's quantizers abort the process on them
+    (GGML_ASSERT(scale >= 0) in the IQ searches)."""
+    if np.isfinite(src).all():
+        return
+    first = int(np.flatnonzero(~np.isfinite(src))[0])  # failure path only
+    row, col = divmod(first, src.shape[-1])
+    expert = f" of expert {row // rows}" if src.shape[0] > rows else ""
+    raise QuantError(f"{what}: non-finite value {src.flat[first]} at row {row % rows}, column {col}{expert}; "
+                     "llama.cpp cannot quantize it")
 
 
 def _chunks(n_mat: int, rows: int, ncols: int) -> list[tuple[int, int]]:
@@ -169,23 +185,29 @@ def quantize(
     qtype: str,
     imatrix: np.ndarray | None = None,
     threads: int | None = None,
+    *,
+    tensor: str | None = None,
 ) -> np.ndarray:
     """Quantize float32 (rows, cols) or (n_expert, rows, cols) to `qtype`; returns the raw bytes.
 
     `imatrix` is the per-column mean of squared activations: (cols,) for a matrix,
     (n_expert, cols) for stacked experts (one slice per expert, as llama-quantize passes it).
+    `tensor` names the data in errors. Non-finite data or importance, or negative importance,
+    raise QuantError: ggml would abort the process or write zeros.
     """
     name = type_name(qtype)
     if data.ndim not in (2, 3):
         raise QuantError(f"quantize expects a 2-D or 3-D array, got shape {data.shape}")
     n_mat, rows, ncols = (1, *data.shape) if data.ndim == 2 else data.shape
+    what = f"{tensor or 'tensor'} {tuple(data.shape)} -> {name}"
     rsize = row_size(name, ncols)
-    imat = _check_imatrix(imatrix, n_mat, ncols)
+    imat = _check_imatrix(imatrix, n_mat, ncols, what)
     lib = _lib()
     tid = ggml_type(name)
     if imat is None and lib.ggml_quantize_requires_imatrix(tid):
         raise ImatrixError(f"type {name} cannot be quantized without an importance matrix")
     src = np.ascontiguousarray(data, dtype=np.float32).reshape(n_mat * rows, ncols)
+    _check_finite(src, rows, what)
     out = np.empty(n_mat * rows * rsize, dtype=np.uint8)
     lib.ggml_quantize_init(tid)  # build the lattice tables once, before the threads race for them
 

@@ -74,7 +74,18 @@ def load_imatrix(path: str | os.PathLike[str]) -> Imatrix:
         raise ImatrixError(f"{p} is not a readable importance matrix: {exc}") from None
     if not record.entries:
         raise ImatrixError(f"importance matrix {p} has no entries")
+    _check_values(record)
     return record
+
+
+def _check_values(record: Imatrix) -> None:
+    """Means of squared activations are finite and >= 0: ggml aborts the process on a negative
+    importance in the IQ3/IQ2 searches (GGML_ASSERT(grid_index >= 0)) and writes zeros for IQ4_XS."""
+    for name, values in record.entries.items():
+        if not np.isfinite(values).all():
+            raise ImatrixError(f"importance matrix {record.path}: entry {name} has non-finite values")
+        if (values < 0).any():
+            raise ImatrixError(f"importance matrix {record.path}: entry {name} has negative values")
 
 
 def _field(reader: GGUFReader, key: str):
@@ -234,13 +245,18 @@ def write_imatrix_gguf(
         offset += data.nbytes + _pad(data.nbytes)
     header = struct.pack("<IIqq", GGUF_MAGIC, GGUF_VERSION, len(tensors), 4) + kv + b"".join(infos)
     out = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent)
+    except OSError as exc:
+        raise ImatrixError(f"cannot write {out}: {exc.strerror or exc}") from None
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(header + bytes(_pad(len(header))))
             for _, data, _ in tensors:
                 f.write(data.astype("<f4").tobytes() + bytes(_pad(data.nbytes)))
         os.replace(tmp, out)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError):  # disk full, permissions...: one line, not a traceback
+            raise ImatrixError(f"cannot write {out}: {exc.strerror or exc}") from exc
         raise

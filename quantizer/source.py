@@ -127,13 +127,21 @@ def _load_json(path: Path) -> dict[str, Any]:
     return data
 
 
+def read_weight_map(folder: Path) -> dict[str, str] | None:
+    """The shard index's weight map (tensor name -> shard file name), or None where there is no index."""
+    index_path = folder / INDEX_NAME
+    if not index_path.is_file():
+        return None
+    weight_map = _load_json(index_path).get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"{INDEX_NAME}: no usable weight_map")
+    return weight_map
+
+
 def _shards(folder: Path) -> tuple[list[Path], dict[str, str] | None]:
     """Shard files in the reference's reading order, and the index's weight map if any."""
-    index_path = folder / INDEX_NAME
-    if index_path.is_file():
-        weight_map = _load_json(index_path).get("weight_map")
-        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-            raise CheckpointError(f"{INDEX_NAME}: no usable weight_map")
+    weight_map = read_weight_map(folder)
+    if weight_map is not None:
         files = sorted(set(weight_map.values()))
         for name in files:
             if Path(name).name != name or not (folder / name).is_file():

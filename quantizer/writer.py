@@ -8,6 +8,7 @@ Ctrl-C, the partial file is removed and nothing appears at OUT.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -147,8 +148,10 @@ def tensor_data(checkpoint: Checkpoint, arch: ModuleType, entry: PlannedTensor,
         return values.astype(np.float16)
     weights = None if imatrix is None else imatrix.get(spec.name)
     if transform is not None:
+        if not np.isfinite(values).all():  # ggml.quantize checks too, but by then the name is lost
+            raise QuantError(f"{spec.name}: non-finite values; llama.cpp cannot quantize them")
         values, weights = transform.apply(spec, values, weights)
-    return ggml.quantize(values, entry.type, weights, threads)
+    return ggml.quantize(values, entry.type, weights, threads, tensor=spec.name)
 
 
 def _build_writer(checkpoint: Checkpoint, arch: ModuleType, entries: Sequence[PlannedTensor], vocab: Vocab,
@@ -214,7 +217,9 @@ def write_gguf(
         _fsync_dir(out.parent)
         _write_sidecar(out, digest)
     except BaseException as exc:
-        writer.close()
+        # closing retries a failed flush; the first error is the one to report
+        with contextlib.suppress(OSError):
+            writer.close()
         partial.unlink(missing_ok=True)
         partial_path(sidecar_path(out)).unlink(missing_ok=True)
         if isinstance(exc, OSError):  # disk full, permissions...: one line, not a traceback
@@ -242,14 +247,13 @@ def _stream(writer: gguf.GGUFWriter, partial: Path, checkpoint: Checkpoint, arch
         data = tensor_data(checkpoint, arch, entry, imatrix, threads, transform)
         if data.nbytes != entry.nbytes:
             raise QuantError(f"{entry.spec.name}: built {data.nbytes} bytes, plan says {entry.nbytes}")
-        start = fout.tell()
-        writer.write_tensor_data(data)
-        # alignment padding written around the data is zeros; hash the exact bytes on disk
-        lead = fout.tell() - start - data.nbytes
-        before = (-start) % writer.data_alignment
-        digest.update(bytes(before))
-        digest.update(memoryview(np.ascontiguousarray(data)).cast("B"))
-        digest.update(bytes(lead - before))
+        # padded as GGUFWriter.write_tensor_data pads, but written through the file object, which
+        # raises on a short write: ndarray.tofile ignores a failure to flush its last buffered bytes
+        align = writer.data_alignment
+        for chunk in (bytes(-fout.tell() % align), memoryview(np.ascontiguousarray(data)).cast("B"),
+                      bytes(-data.nbytes % align)):  # fmt: skip
+            fout.write(chunk)
+            digest.update(chunk)
         del data
         checkpoint.release()
         done += entry.nbytes
@@ -257,6 +261,8 @@ def _stream(writer: gguf.GGUFWriter, partial: Path, checkpoint: Checkpoint, arch
             progress("write", done, total)
     fout.flush()
     os.fsync(fout.fileno())
-    size = fout.tell()
+    size, on_disk = fout.tell(), os.fstat(fout.fileno()).st_size
+    if on_disk != size:  # the digest is of the bytes meant to be there: never publish it over fewer
+        raise QuantError(f"short write: {partial.name} has {on_disk} bytes on disk, {size} were written")
     writer.close()
     return digest.hexdigest(), size

@@ -75,6 +75,13 @@ SKIPPED_SUFFIXES = (".attention.masked_bias", ".attention.bias", ".rotary_emb.in
 
 # The reference reads config.json through transformers' Qwen3NextConfig, which fills in these
 # defaults for absent keys (transformers/models/qwen3_next/configuration_qwen3_next.py).
+# config.json keys that size tensors: a plan from config.json alone refuses a config without them,
+# since CONFIG_DEFAULTS would size another model's tensors
+SHAPE_KEYS = (
+    "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+    "num_experts", "moe_intermediate_size", "shared_expert_intermediate_size", "linear_num_key_heads",
+    "linear_num_value_heads", "linear_key_head_dim", "linear_value_head_dim", "linear_conv_kernel_dim",
+)  # fmt: skip
 CONFIG_DEFAULTS: dict[str, Any] = {
     "vocab_size": 151936, "hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 48,
     "num_attention_heads": 16, "num_key_value_heads": 2, "max_position_embeddings": 32768,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -39,10 +40,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=run)
 
 
+def check_output(out: Path, force: bool) -> None:
+    """Refuse an output that could not be written, before the collection spends minutes or hours."""
+    if out.exists() and not force:
+        raise QuantError(f"{out} exists (use --force to overwrite)")
+    if out.is_dir():
+        raise QuantError(f"{out} is a directory")
+    folder = out.parent
+    if not folder.is_dir():
+        raise QuantError(f"{out}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise QuantError(f"{out}: folder {folder} is not writable")
+
+
 def run(args: argparse.Namespace) -> int:
     for out in (args.output, args.covariance):
-        if out is not None and out.exists() and not args.force:
-            raise QuantError(f"{out} exists (use --force to overwrite)")
+        if out is not None:
+            check_output(out, args.force)
     if args.text is not None:
         text, dataset = read_text(args.text), str(args.text)
     else:

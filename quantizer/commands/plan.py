@@ -8,10 +8,11 @@ from pathlib import Path
 from typing import Any
 
 from quantizer.arch import get_arch
+from quantizer.build import checkpoint_specs, validate_sources
 from quantizer.errors import CheckpointError
 from quantizer.plan import Plan, make_plan, render_text
 from quantizer.recipes import DEFAULT_RECIPE, PRESETS, get_recipe
-from quantizer.source import INDEX_NAME, open_checkpoint
+from quantizer.source import open_checkpoint, read_weight_map
 from quantizer.spec import TensorSpec
 
 
@@ -57,17 +58,20 @@ def specs_for_source(folder: Path) -> list[TensorSpec]:
     if any(folder.glob("*.safetensors")):
         checkpoint = open_checkpoint(folder)
         try:
-            return get_arch(checkpoint.config).specs_from_config(
-                checkpoint.config, checkpoint.names, checkpoint.order
-            )
+            specs = checkpoint_specs(checkpoint)
+            validate_sources(checkpoint, specs)  # the headers check the config, as `build` does
+            return specs
         finally:
             checkpoint.close()
     config = _read_config(folder)
-    names = None
-    if (folder / INDEX_NAME).is_file():
-        weight_map = json.loads((folder / INDEX_NAME).read_text(encoding="utf-8")).get("weight_map") or {}
-        names = set(weight_map) or None
-    return get_arch(config).specs_from_config(config, names)
+    arch = get_arch(config)
+    # From config.json alone nothing checks the sizes, and the architecture fills a missing key with
+    # transformers' default, which would price another model; with shards their headers check them.
+    for key in getattr(arch, "SHAPE_KEYS", ()):
+        if key not in config:
+            raise CheckpointError(f"{folder / 'config.json'}: missing {key!r}, needed to size the tensors")
+    weight_map = read_weight_map(folder) or {}
+    return arch.specs_from_config(config, set(weight_map) or None)
 
 
 def plan_for(folder: Path, recipe: str | None, rules: list[str]) -> Plan:

@@ -1,4 +1,5 @@
-"""`coder-quant verify SRC_DIR OUT.gguf`: prove preserved tensors bit-identical, measure quantized ones."""
+"""`coder-quant verify SRC_DIR OUT.gguf`: prove preserved tensors bit-identical, measure quantized ones,
+check each stored type against the recorded recipe and the hyper-parameters against config.json."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from quantizer.verify import DEFAULT_MAX_RELATIVE_RMS, VerifyReport, verify_gguf
+from quantizer.verify import VerifyReport, verify_gguf
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -17,13 +18,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "verify",
         help="check a GGUF against its source checkpoint, tensor by tensor",
         description="Re-read SRC_DIR and OUT.gguf. Tensors in their reference type must be bit-identical "
-        "to what the source gives; quantized tensors report their relative RMS error; the sha256 "
-        "sidecar, if present, must match. Exits 1 naming the first tensor that fails.",
+        "to what the source gives; quantized tensors report their relative RMS error, which must stay under "
+        "a bound for their type (also per expert), and must not be all zeros; every tensor must be stored in "
+        "the type the recorded recipe plans for it (without one, attention, SSM and shared-expert tensors "
+        "in their reference type); the hyper-parameters must match config.json; the sha256 sidecar, if "
+        "present, must match. Exits 1 naming the first metadata key or tensor that fails.",
     )
     p.add_argument("source", type=Path, metavar="SRC_DIR", help="Hugging Face checkpoint folder")
     p.add_argument("gguf", type=Path, metavar="OUT.gguf", help="GGUF built from it")
-    p.add_argument("--max-rms", type=float, default=DEFAULT_MAX_RELATIVE_RMS, metavar="X",
-                   help=f"fail a quantized tensor whose relative RMS error exceeds X (default {DEFAULT_MAX_RELATIVE_RMS:g})")
+    p.add_argument("--max-rms", type=float, default=None, metavar="X",
+                   help="fail a quantized tensor whose relative RMS error exceeds X, whatever its type "
+                   "(default: a bound per type, about 2.5x the error llama.cpp's quantizer gives)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or table; only the verdict")
     p.set_defaults(handler=run)
 
@@ -34,7 +39,14 @@ def format_table(report: VerifyReport) -> str:
     for c in report.checks:
         rms = "-" if c.status in ("identical", "converted") else f"{c.relative_rms:.4g}"
         lines.append(f"{c.name:<{width}}  {c.tclass:<13}  {c.type:<8}  {c.status:<9}  {rms}")
+        if c.status == "mismatch":
+            lines.append(f"    {c.detail}")
     return "\n".join(lines)
+
+
+def format_metadata_failures(report: VerifyReport) -> str:
+    """One line per metadata key that does not match: every one, not only the first."""
+    return "\n".join(f"metadata {m.key}: {m.detail}" for m in report.metadata_failures)
 
 
 def summary(report: VerifyReport) -> str:
@@ -44,7 +56,11 @@ def summary(report: VerifyReport) -> str:
     parts = ", ".join(f"{n} {status}" for status, n in counts.items())
     quantized = [c.relative_rms for c in report.checks if c.status == "quantized"]
     worst = f"; worst quantized relative RMS {max(quantized):.4g}" if quantized else ""
-    return f"{report.path}: {len(report.checks)} tensors: {parts}{worst}; sha256 sidecar {report.sidecar}"
+    types = f"types as recipe {report.recipe} plans" if report.recipe else "no recipe recorded"
+    bad = len(report.metadata_failures)
+    keys = f"{len(report.metadata)} metadata keys" + (f" ({bad} differ)" if bad else " match")
+    return (f"{report.path}: {len(report.checks)} tensors: {parts}{worst}; {types}; {keys}; "
+            f"sha256 sidecar {report.sidecar}")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -67,6 +83,8 @@ def run(args: argparse.Namespace) -> int:
             bar.close()
     if not args.quiet:
         print(format_table(report))
+    if report.metadata_failures:
+        print(format_metadata_failures(report))
     print(summary(report))
     report.raise_for_failures()
     return 0

@@ -105,6 +105,11 @@ BREAKAGES: dict[str, tuple[Callable[[Path, Path], list[str]], str]] = {
     "imatrix for another model (columns)": (
         lambda s, t: imatrix_for_another_model(s, t, foreign_name=False), "another model"
     ),
+    "--gptq-shrink nan": (lambda s, t: ["--gptq-shrink", "nan"], "--gptq-shrink"),
+    "--gptq-shrink inf": (lambda s, t: ["--gptq-shrink", "inf"], "--gptq-shrink"),
+    "type needs an imatrix, none given": (
+        lambda s, t: ["--rule", "ffn_down_exps=iq2_xxs"], "cannot be quantized without an importance matrix"
+    ),
     "imatrix not an imatrix": (
         lambda s, t: replace_bytes(t / "junk.dat", b"\x01\x00") + ["--imatrix", str(t / "junk.dat")], "junk.dat"
     ),

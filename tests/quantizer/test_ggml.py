@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ctypes
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import gguf
@@ -92,6 +94,32 @@ def test_bad_inputs_raise():
         ggml.quantize(x.reshape(-1), "q8_0")
     with pytest.raises(QuantError, match="needs 272 bytes"):
         ggml.dequantize(np.zeros(10, dtype=np.uint8), "iq4_xs", (2, 256))
+
+
+def _quantize_isolated(code: str) -> subprocess.CompletedProcess[str]:
+    """Run `code` (x: experts (2, 8, 256), ggml imported) in a subprocess: ggml aborts on bad input."""
+    prelude = "import numpy as np\nfrom quantizer import ggml\nx = np.ones((2, 8, 256), dtype=np.float32)\n"
+    return subprocess.run([sys.executable, "-c", prelude + code], capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("qtype", ["iq3_s", "iq2_xxs"])
+def test_negative_importance_is_refused_before_ggml(qtype: str):
+    imat = "imat = np.ones((2, 256), dtype=np.float32); imat[1, 3] = -1.0\n"
+    result = _quantize_isolated(imat + f"ggml.quantize(x, {qtype!r}, imat, tensor='blk.0.ffn_down_exps.weight')")
+    assert result.returncode == 1, result.stderr[-2000:]  # an uncaught exception, not SIGABRT (134)
+    assert "ImatrixError: blk.0.ffn_down_exps.weight (2, 8, 256) -> " + qtype in result.stderr
+    assert "importance matrix contains negative values" in result.stderr
+    # IQ4_XS does not abort but zeroes the blocks: refused as well
+    with pytest.raises(ImatrixError, match="negative"):
+        ggml.quantize(_experts(2, 8, 256), "iq4_xs", -np.ones((2, 256), dtype=np.float32))
+
+
+@pytest.mark.parametrize("value", ["np.inf", "-np.inf", "np.nan"])
+def test_non_finite_weights_are_refused_before_ggml(value: str):
+    result = _quantize_isolated(f"x[1, 4, 7] = {value}\nggml.quantize(x, 'iq3_s', np.ones((2, 256), np.float32))")
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "QuantError: tensor (2, 8, 256) -> iq3_s: non-finite value" in result.stderr
+    assert "at row 4, column 7 of expert 1; llama.cpp cannot quantize it" in result.stderr
 
 
 # ---- byte equality with llama_model_quantize (the C++ behind llama-quantize) ----

@@ -135,3 +135,23 @@ def test_unreadable_files_raise(tmp_path: Path):
     junk.write_bytes(struct.pack("<i", 3) + b"\x05\x00")
     with pytest.raises(ImatrixError, match="not a readable importance matrix"):
         load_imatrix(junk)
+
+
+@pytest.mark.parametrize(("value", "problem"), [(-1.0, "negative"), (np.inf, "non-finite"), (np.nan, "non-finite")])
+def test_negative_or_non_finite_importance_is_rejected_on_load(tmp_path: Path, value: float, problem: str):
+    # a negative importance aborts llama.cpp's IQ3/IQ2 quantizers (GGML_ASSERT) and zeroes IQ4_XS
+    sums, counts = _stats()
+    sums["blk.0.ffn_down_exps.weight"][2, 5] = value  # expert 2 has data, so its mean keeps the value
+    gguf_path = tmp_path / "bad.gguf"
+    write_imatrix_gguf(gguf_path, sums, counts, [], chunk_count=1, chunk_size=512)
+    dat_path = tmp_path / "bad.dat"
+    _write_legacy(dat_path, {"blk.0.ffn_down_exps.weight": (1, sums["blk.0.ffn_down_exps.weight"].reshape(-1))}, 1, "x")
+    for path in (gguf_path, dat_path):
+        with pytest.raises(ImatrixError, match=rf"{path}: entry blk\.0\.ffn_down_exps\.weight has {problem} values"):
+            load_imatrix(path)
+
+
+def test_write_into_a_missing_folder_raises(tmp_path: Path):
+    sums, counts = _stats()
+    with pytest.raises(ImatrixError, match="cannot write .*missing/imatrix.gguf: No such file or directory"):
+        write_imatrix_gguf(tmp_path / "missing" / "imatrix.gguf", sums, counts, [], chunk_count=1, chunk_size=512)

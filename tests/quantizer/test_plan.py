@@ -12,6 +12,7 @@ from quantizer.cli import main
 from quantizer.plan import make_plan, render_text
 from quantizer.recipes import get_recipe
 from quantizer.spec import TensorSpec
+from quantizer.synthetic import write_checkpoint
 
 TINY = [
     TensorSpec("token_embd.weight", ("model.embed_tokens.weight",), (1000, 288), "embedding", "bf16", "copy"),
@@ -202,3 +203,35 @@ def test_plan_command_on_reference_model(reference_model: Path, capsys: pytest.C
     assert abs(data["file_bytes_estimate"] - 33_285_376) / 33_285_376 < 0.005
     assert main(["plan", str(reference_model), "--summary"]) == 0
     assert "routed_expert" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("index", "message"), [
+    ("{not json", "model.safetensors.index.json: not readable JSON"),
+    ('{"weight_map": 5}', "model.safetensors.index.json: no usable weight_map"),
+    ('{"weight_map": {"a": 1}}', "model.safetensors.index.json: no usable weight_map"),
+])  # fmt: skip
+def test_plan_command_on_a_bad_index(tmp_path: Path, capsys: pytest.CaptureFixture[str], index: str, message: str):
+    (tmp_path / "config.json").write_text(json.dumps(CODER_NEXT_CONFIG))
+    (tmp_path / "model.safetensors.index.json").write_text(index)
+    assert main(["plan", str(tmp_path), "--summary"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"coder-quant: error: {message}") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("key", ["hidden_size", "num_experts", "linear_value_head_dim"])
+def test_plan_command_refuses_a_config_missing_a_shape_key(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                           key: str):
+    # qwen3next would otherwise fill it with transformers' default (hidden_size 2048...) and price another model
+    (tmp_path / "config.json").write_text(json.dumps({k: v for k, v in CODER_NEXT_CONFIG.items() if k != key}))
+    assert main(["plan", str(tmp_path), "--summary"]) == 1
+    assert capsys.readouterr().err == f"coder-quant: error: {tmp_path / 'config.json'}: missing {key!r}, " \
+                                      "needed to size the tensors\n"
+
+
+def test_plan_command_checks_the_config_against_the_shards(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    folder = write_checkpoint(tmp_path / "tiny", preset="tiny", layers=2).path
+    config = json.loads((folder / "config.json").read_text())
+    del config["hidden_size"]  # the default, 2048, is not the checkpoint's 256: `build` refuses it too
+    (folder / "config.json").write_text(json.dumps(config))
+    assert main(["plan", str(folder), "--summary"]) == 1
+    assert "has shape [512, 256], config.json implies [512, 2048]" in capsys.readouterr().err
