@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 
 import openai
 import pytest
@@ -125,6 +126,21 @@ def test_completion_parses_special_tokens_in_the_prompt(client: openai.OpenAI, s
     )
     assert with_suffix.choices[0].text == out.choices[0].text
     assert with_suffix.usage.prompt_tokens == out.usage.prompt_tokens
+
+
+def test_tokenize_splits_at_special_tokens_as_llama_cpp_does(server: LiveServer) -> None:
+    """The engine splits at special-token text itself (llama.cpp's split is quadratic in their number);
+    the tokens must be llama.cpp's own, special texts next to each other, to text and to near-misses."""
+    engine = server.engine
+    assert engine._special_split is not None  # the demo vocabulary takes the fast path
+    specials = list(engine._special_split[1])
+    pieces = [*specials, "\n", " ", "  ", "def f(x):\n    return x\n", "é", "<|", "|>", "im_end", "\n\n", "日本"]
+    rng = random.Random(7)
+    texts = ["", "plain", "".join(f"<|im_start|>user\nx{i}<|im_end|>\n" for i in range(2000))]
+    texts += ["".join(rng.choice(pieces) for _ in range(rng.randint(1, 12))) for _ in range(500)]
+    for text in texts:
+        want = engine._llama.tokenize(text.encode(), add_bos=engine.info.add_bos, special=True)
+        assert engine.tokenize(text) == want, text
 
 
 def test_fill_in_the_middle_keeps_marker_text_in_the_code_as_text(client: openai.OpenAI, server: LiveServer) -> None:
