@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
+from pydantic_settings import SettingsError
 
 from server import __version__
 from server.settings import Settings
@@ -100,6 +101,17 @@ def _first_error(exc: ValidationError) -> str:
     return f"--{name.replace('_', '-')}: {err.get('msg', 'invalid value')}"
 
 
+def _placement_problem(settings: Settings) -> str | None:
+    """What planning the placement finds wrong with the model file and the placement flags, or None."""
+    from server.placement import PlacementError, plan_for_gguf
+
+    try:
+        plan_for_gguf(str(settings.model), settings)
+    except (PlacementError, ValueError, OSError) as exc:
+        return str(exc)
+    return None
+
+
 def _plan(settings: Settings, as_json: bool) -> int:
     from server.placement import PlacementError, plan_for_gguf
 
@@ -155,6 +167,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValidationError as exc:
         print(f"coder-serve: error: {_first_error(exc)}", file=sys.stderr)
         return 2
+    except SettingsError as exc:  # a CODER_SERVE_* variable that does not parse (lists take JSON)
+        print(f"coder-serve: error: {exc}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if settings.model is not None and not Path(settings.model).is_file():
         print(f"coder-serve: error: model file not found: {settings.model}", file=sys.stderr)
@@ -174,6 +189,11 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         logging.getLogger("server").info("llama.cpp's CPU threads bound one per core (%s)",
                                          ", ".join(f"{k}={v}" for k, v in pinned.items()))
+    if settings.model is not None and (problem := _placement_problem(settings)):
+        # (after the pinning, which must precede llama.cpp's loading) the loader would find the same
+        # once uvicorn had started, as a traceback
+        print(f"coder-serve: error: {problem}", file=sys.stderr)
+        return 1
     return _serve(settings)
 
 

@@ -387,8 +387,8 @@ class Engine:
         try:
             llama, placement = self._factory()
             info = describe(llama, placement)
-        except Exception:
-            log.exception("the model failed to load")
+        except Exception as exc:  # one line; the traceback only when debugging
+            log.error("the model failed to load: %s", exc, exc_info=log.isEnabledFor(logging.DEBUG))
             with self._cond:
                 self._state = "failed" if self._state == "loading" else self._state
             self._loaded.set()

@@ -103,6 +103,13 @@ class Settings(BaseSettings):
     def _size(cls, value: object) -> object:
         return parse_size(value) if isinstance(value, str) else value
 
+    @field_validator("api_key")
+    @classmethod
+    def _key_not_empty(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not value.get_secret_value().strip():
+            raise ValueError("api key must not be empty: an empty key would let every request through")
+        return value
+
     @field_validator("host")
     @classmethod
     def _host_not_empty(cls, value: str) -> str:

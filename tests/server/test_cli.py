@@ -61,6 +61,7 @@ def test_defaults_are_safe_and_env_fills_what_flags_leave_out(monkeypatch: pytes
         (["--max-queue", "-1"], 2, "--max-queue"),
         (["--json"], 2, "--plan"),
         (["no/such/model.gguf"], 1, "not found"),
+        (["--api-key", " "], 2, "--api-key"),  # an empty key compared equal to an empty Bearer token
     ],
 )
 def test_bad_input_is_one_line_and_a_nonzero_exit(argv: list[str], code: int, fragment: str,
@@ -68,6 +69,21 @@ def test_bad_input_is_one_line_and_a_nonzero_exit(argv: list[str], code: int, fr
     assert main(argv) == code
     err = capsys.readouterr().err.strip()
     assert err.startswith("coder-serve: error:") and "\n" not in err and fragment in err
+
+
+def test_a_list_variable_that_is_not_json_is_one_line(monkeypatch: pytest.MonkeyPatch,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("CODER_SERVE_CORS_ORIGINS", "http://a.example")
+    assert main([]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("coder-serve: error:") and "\n" not in err and "cors_origins" in err
+
+
+def test_placement_flags_the_model_cannot_take_are_refused_before_serving(test_gguf: Path,
+                                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([str(test_gguf), "--gpu-layers", "auto", "--cpu-moe-layers", "1"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("coder-serve: error:") and "\n" not in err and "auto" in err
 
 
 def test_plan_prints_the_placement_without_loading(test_gguf: Path, capsys: pytest.CaptureFixture[str]) -> None:
