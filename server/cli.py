@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import socket
 import sys
 import threading
 from pathlib import Path
@@ -101,6 +102,23 @@ def _first_error(exc: ValidationError) -> str:
     return f"--{name.replace('_', '-')}: {err.get('msg', 'invalid value')}"
 
 
+def _port_problem(host: str, port: int) -> str | None:
+    """Why the server could not listen on host:port (in use, not an address of this machine), or None.
+    A probe, bound and closed as uvicorn binds (SO_REUSEADDR), so a port taken meanwhile still fails later."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError as exc:
+        return f"cannot listen on {host}:{port}: {exc.strerror or exc}"
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            return f"cannot listen on {host}:{port}: {exc.strerror or exc}"
+    return None
+
+
 def _placement_problem(settings: Settings) -> str | None:
     """What planning the placement finds wrong with the model file and the placement flags, or None."""
     from server.placement import PlacementError, plan_for_gguf
@@ -189,6 +207,9 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         logging.getLogger("server").info("llama.cpp's CPU threads bound one per core (%s)",
                                          ", ".join(f"{k}={v}" for k, v in pinned.items()))
+    if problem := _port_problem(settings.host, settings.port):  # before minutes of loading, not after
+        print(f"coder-serve: error: {problem}", file=sys.stderr)
+        return 1
     if settings.model is not None and (problem := _placement_problem(settings)):
         # (after the pinning, which must precede llama.cpp's loading) the loader would find the same
         # once uvicorn had started, as a traceback

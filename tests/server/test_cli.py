@@ -71,6 +71,15 @@ def test_bad_input_is_one_line_and_a_nonzero_exit(argv: list[str], code: int, fr
     assert err.startswith("coder-serve: error:") and "\n" not in err and fragment in err
 
 
+def test_a_port_in_use_is_refused_before_the_model_loads(capsys: pytest.CaptureFixture[str]) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        assert main(["--port", str(taken.getsockname()[1])]) == 1  # the demo model: no file to check first
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("coder-serve: error: cannot listen on 127.0.0.1:") and "\n" not in err
+
+
 def test_a_list_variable_that_is_not_json_is_one_line(monkeypatch: pytest.MonkeyPatch,
                                                         capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.setenv("CODER_SERVE_CORS_ORIGINS", "http://a.example")
