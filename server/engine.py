@@ -266,13 +266,9 @@ class Engine:
                                           llama_cpp.llama_vocab_fim_mid)]
         if min(marks) < 0:
             raise InvalidRequest("This model has no fill-in-the-middle tokens", param="suffix")
-
-        def text(s: str) -> list[int]:
-            return list(self._llama.tokenize(s.encode("utf-8"), add_bos=False, special=False)) if s else []
-
         pre, suf, mid = marks
-        bos = list(self._llama.tokenize(b"", add_bos=True, special=False)) if info.add_bos else []
-        return [*bos, pre, *text(prefix), suf, *text(suffix), mid]
+        bos = [llama_cpp.llama_vocab_bos(self._vocab)] if info.add_bos else []
+        return [*bos, pre, *self._plain_tokens(prefix), suf, *self._plain_tokens(suffix), mid]
 
     def check_grammar(self, gbnf: str) -> None:
         self.info  # noqa: B018 - raises ModelNotReady before the vocabulary exists
@@ -504,7 +500,7 @@ MAX_SPLIT_TOKENS = 4096  # the containment check below is quadratic in their num
 def special_split(vocab: Any, n_vocab: int, llama: Any) -> tuple[re.Pattern[str], dict[str, int]] | None:
     """The special tokens' texts as one pattern (longest first, as llama.cpp tries them) and their ids;
     None where splitting here could differ from llama.cpp: stripping attributes, an end-of-sequence
-    token added to every text, or two special tokens of which one's text contains the other's."""
+    token added to every text, an empty or shared text, or one special text inside another."""
     if llama_cpp.llama_vocab_get_add_eos(vocab):
         return None
     ids: dict[str, int] = {}
@@ -515,8 +511,9 @@ def special_split(vocab: Any, n_vocab: int, llama: Any) -> tuple[re.Pattern[str]
         if attr & _STRIP_ATTRS:
             return None
         text = llama.detokenize([token], special=True).decode("utf-8", errors="replace")
-        if text and text not in ids:
-            ids[text] = token
+        if not text or text in ids:  # which of two tokens of one text llama.cpp takes is its own affair
+            return None
+        ids[text] = token
     texts = sorted(ids, key=len, reverse=True)
     if not texts or len(texts) > MAX_SPLIT_TOKENS or any(a != b and b in a for a in texts for b in texts):
         return None
