@@ -11,7 +11,7 @@ from starlette.concurrency import run_in_threadpool
 from server.chat import complete_chat, start_chat, stream_chat
 from server.completions import complete_text, start_completion, stream_text
 from server.engine import Engine
-from server.errors import ModelNotReady
+from server.errors import LOADING_RETRY_AFTER, ModelNotReady
 from server.protocol import ChatCompletionRequest, CompletionRequest
 from server.responses import ChatCompletion, Completion, Health, ModelList, dump
 from server.responses_api import ResponsesRequest, start_response
@@ -40,7 +40,7 @@ def _state(request: Request) -> ServerState:
 def _engine(request: Request) -> Engine:
     engine = _state(request).engine
     if engine is None:
-        raise ModelNotReady("The model is loading; retry shortly")
+        raise ModelNotReady("The model is loading; retry shortly", retry_after=LOADING_RETRY_AFTER)
     return engine
 
 

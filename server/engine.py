@@ -23,7 +23,14 @@ from typing import Any, Literal, TypeVar
 
 import llama_cpp
 
-from server.errors import ContextLengthExceeded, GenerationFailed, InvalidRequest, ModelNotReady, QueueFull
+from server.errors import (
+    LOADING_RETRY_AFTER,
+    ContextLengthExceeded,
+    GenerationFailed,
+    InvalidRequest,
+    ModelNotReady,
+    QueueFull,
+)
 from server.events import Event, Failed, Finished, TextDelta, TokenLogprob, Usage
 from server.logprobs import token_logprob
 from server.modelinfo import ModelInfo, context_message, describe, token_piece
@@ -229,7 +236,9 @@ class Engine:
     @property
     def info(self) -> ModelInfo:
         if self._state != "ready" or self._info is None:
-            raise ModelNotReady("The model is loading; retry shortly" if self._state == "loading" else "The model is not available")
+            if self._state == "loading":
+                raise ModelNotReady("The model is loading; retry shortly", retry_after=LOADING_RETRY_AFTER)
+            raise ModelNotReady("The model is not available")
         return self._info
 
     # ---- request side (event loop) ----

@@ -88,6 +88,16 @@ class ModelNotReady(APIError):
     type = "server_error"
     code = "model_not_ready"
 
+    def __init__(self, message: str, *, retry_after: int | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after  # set while the model loads: clients (OpenAI's SDKs) wait and retry
+
+    def headers(self) -> dict[str, str] | None:
+        return None if self.retry_after is None else {"Retry-After": str(self.retry_after)}
+
+
+LOADING_RETRY_AFTER = 5  # seconds a client is asked to wait while the model loads
+
 
 class GenerationFailed(APIError):
     status = 500
