@@ -158,8 +158,10 @@ def _validation_message(error: dict[str, Any], param: str | None) -> str:
 
 async def _on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     errors = exc.errors()
-    # Of a union's alternatives, the error reaching deepest into the input says most about the mistake.
-    first = max(errors, key=lambda e: len(e.get("loc", ())), default={})
+    # Of a union's alternatives, the error reaching deepest into the input says most about the mistake;
+    # at equal depth, a broken constraint ("at least 1 item") more than another alternative's type.
+    first = max(errors, key=lambda e: (len(e.get("loc", ())), not str(e.get("type", "")).endswith("_type")),
+                default={})
     param = param_name(first.get("loc", ()))
     if first.get("type") == "json_invalid":
         param = None

@@ -153,6 +153,13 @@ def test_bad_requests_get_a_400_naming_the_field(client: openai.OpenAI, kwargs: 
     assert err.value.body["param"] == param  # type: ignore[index]
 
 
+def test_an_empty_input_list_is_named_as_such(client: openai.OpenAI) -> None:
+    """Of the union's two failures (not a string; a list too short), the constraint is the message."""
+    with pytest.raises(openai.BadRequestError) as err:
+        create(client, input=[])
+    assert "at least 1 item" in err.value.body["message"]  # type: ignore[index]
+
+
 def test_ignored_fields_are_accepted(client: openai.OpenAI) -> None:
     out = create(client, store=True, include=["reasoning.encrypted_content"], reasoning={"effort": "low"},
                  truncation="auto", prompt_cache_key="k", metadata={"a": "b"}, max_output_tokens=2,
