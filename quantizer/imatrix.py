@@ -250,6 +250,9 @@ def write_imatrix_gguf(
     except OSError as exc:
         raise ImatrixError(f"cannot write {out}: {exc.strerror or exc}") from None
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # as any file this user creates, not mkstemp's private 0600
         with os.fdopen(fd, "wb") as f:
             f.write(header + bytes(_pad(len(header))))
             for _, data, _ in tensors:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import struct
 from pathlib import Path
 
@@ -155,3 +156,14 @@ def test_write_into_a_missing_folder_raises(tmp_path: Path):
     sums, counts = _stats()
     with pytest.raises(ImatrixError, match="cannot write .*missing/imatrix.gguf: No such file or directory"):
         write_imatrix_gguf(tmp_path / "missing" / "imatrix.gguf", sums, counts, [], chunk_count=1, chunk_size=512)
+
+
+def test_written_file_has_the_users_usual_permissions(tmp_path: Path):
+    sums, counts = _stats()
+    out = tmp_path / "imatrix.gguf"
+    umask = os.umask(0o022)
+    try:
+        write_imatrix_gguf(out, sums, counts, [], chunk_count=1, chunk_size=512)
+    finally:
+        os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o644  # not the temporary file's private 0600
