@@ -151,11 +151,11 @@ def parse_preset(gpu_layers: str | int | None, cpu_moe_layers: int | None = None
         return Preset(text, text, -1, cpu_moe_layers)  # type: ignore[arg-type]
     if text == "none":
         return Preset(text, "none", 0, cpu_moe_layers)
-    if not re.fullmatch(r"\d{1,7}", text):
+    if not re.fullmatch(r"[0-9]+", text):
         raise PlacementError(f"gpu_layers must be one of {', '.join(NAMED_PRESETS)} or a layer count, got {gpu_layers!r}")
+    if len(text) > 7 or int(text) > MAX_GPU_LAYERS:  # (the length first: int() of a huge string is slow)
+        raise PlacementError(f"gpu_layers must be at most {MAX_GPU_LAYERS}, got {text}")
     n = int(text)
-    if n > MAX_GPU_LAYERS:
-        raise PlacementError(f"gpu_layers must be at most {MAX_GPU_LAYERS}, got {n}")
     return Preset(text, "layers", n, cpu_moe_layers)
 
 

@@ -81,6 +81,12 @@ def test_parse_preset_rejects(value):
         parse_preset(value)
 
 
+@pytest.mark.parametrize("value", ["100001", "99999999", "9" * 5000])
+def test_a_layer_count_over_the_bound_says_so(value):
+    with pytest.raises(PlacementError, match="gpu_layers must be at most 100000"):
+        parse_preset(value)
+
+
 @pytest.mark.parametrize("value", [-1, 100_001, 1.5, True])
 def test_parse_preset_rejects_cpu_moe_layers(value):
     with pytest.raises(PlacementError, match="cpu_moe_layers"):
