@@ -96,10 +96,13 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     return Settings(**values)
 
 
-def _first_error(exc: ValidationError) -> str:
+def _first_error(exc: ValidationError, flags: dict[str, str]) -> str:
+    """The first problem, named by its flag, or by its environment variable for a setting without one."""
     err = exc.errors()[0]
-    name = ".".join(str(p) for p in err.get("loc", ())) or "settings"
-    return f"--{name.replace('_', '-')}: {err.get('msg', 'invalid value')}"
+    loc = err.get("loc", ())
+    name = str(loc[0]) if loc else ""
+    where = flags.get(name) or (f"CODER_SERVE_{name.upper()}" if name else "settings")
+    return f"{where}: {err.get('msg', 'invalid value')}"
 
 
 def _port_problem(host: str, port: int) -> str | None:
@@ -179,11 +182,13 @@ def _serve(settings: Settings) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    flags = {a.dest: max(a.option_strings, key=len) for a in parser._actions if a.option_strings}
     try:
         settings = settings_from_args(args)
     except ValidationError as exc:
-        print(f"coder-serve: error: {_first_error(exc)}", file=sys.stderr)
+        print(f"coder-serve: error: {_first_error(exc, flags)}", file=sys.stderr)
         return 2
     except SettingsError as exc:  # a CODER_SERVE_* variable that does not parse (lists take JSON)
         print(f"coder-serve: error: {exc}", file=sys.stderr)

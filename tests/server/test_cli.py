@@ -80,6 +80,13 @@ def test_a_port_in_use_is_refused_before_the_model_loads(capsys: pytest.CaptureF
     assert err.startswith("coder-serve: error: cannot listen on 127.0.0.1:") and "\n" not in err
 
 
+def test_a_setting_without_a_flag_is_named_by_its_variable(monkeypatch: pytest.MonkeyPatch,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("CODER_SERVE_TEMPERATURE", "5")
+    assert main([]) == 2
+    assert capsys.readouterr().err.startswith("coder-serve: error: CODER_SERVE_TEMPERATURE: ")
+
+
 def test_a_list_variable_that_is_not_json_is_one_line(monkeypatch: pytest.MonkeyPatch,
                                                         capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.setenv("CODER_SERVE_CORS_ORIGINS", "http://a.example")
