@@ -72,7 +72,8 @@ def check_imatrix_coverage(plan: Plan, imatrix: Mapping[str, object] | None) -> 
             )
 
 
-def _rule_text(recipe: Recipe) -> tuple[str, ...]:
+def rule_texts(recipe: Recipe) -> tuple[str, ...]:
+    """The recipe's rules as recorded in the GGUF ("PATTERN=TYPE (label)"); verify parses them back."""
     return tuple(f"{r.pattern}={r.type if r.type != KEEP else 'keep'} ({r.label})" for r in recipe.rules)
 
 
@@ -128,7 +129,7 @@ def build_gguf(
     logger.info("plan: %d tensors, %d bytes of tensor data (recipe %s)", len(plan.entries), plan.tensor_bytes, chosen.name)
     provenance = Provenance(
         recipe=chosen.name,
-        rules=_rule_text(chosen),
+        rules=rule_texts(chosen),
         sources=tuple(checkpoint.digests(progress)),
         imatrix_file=Path(weights.path).name if weights is not None else None,
         imatrix_sha256=weights.sha256 if weights is not None else None,

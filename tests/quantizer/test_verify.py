@@ -14,8 +14,9 @@ from gguf import GGUFReader
 from quantizer import arch as arch_registry
 from quantizer import ggml
 from quantizer import writer as writer_module
-from quantizer.build import _rule_text, checkpoint_specs
+from quantizer.build import checkpoint_specs, rule_texts
 from quantizer.cli import main
+from quantizer.commands.plan import specs_for_source
 from quantizer.errors import VerifyError
 from quantizer.inspect import field_value
 from quantizer.plan import make_plan
@@ -323,11 +324,7 @@ def test_without_a_recorded_recipe_preserved_tensors_must_keep_their_type(
 
 
 def test_preserved_classes_are_planned_at_their_reference_type(source: Path) -> None:
-    checkpoint = open_checkpoint(source)
-    try:
-        specs = checkpoint_specs(checkpoint)
-    finally:
-        checkpoint.close()
+    specs = specs_for_source(source)
     planned = planned_types(specs, None)
     for spec in specs:
         if spec.tclass in ("attention", "ssm", "shared_expert", "norm", "router"):
@@ -339,7 +336,7 @@ def test_preserved_classes_are_planned_at_their_reference_type(source: Path) -> 
 def test_recorded_rules_read_back() -> None:
     recipes = [*PRESETS.values(), get_recipe("attn-bf16-q4k", [r"a=b (c)=q8_0", "attn_qkv=F32"])]
     for recipe in recipes:
-        for rule, text in zip(recipe.rules, _rule_text(recipe), strict=True):
+        for rule, text in zip(recipe.rules, rule_texts(recipe), strict=True):
             parsed = parse_rule(text)
             assert parsed is not None and (parsed.pattern, parsed.type) == (rule.pattern, rule.type), text
     assert parse_rule("no type here (label)") is None and parse_rule("x=q4_k") is None
