@@ -300,6 +300,28 @@ def common_flags(args: argparse.Namespace) -> list[str]:
     return flags
 
 
+def open_like_server(model: str, serve_flags: list[str], parser: argparse.ArgumentParser) -> tuple[Any, dict[str, Any]]:
+    """Load MODEL with coder-serve's flags as coder-serve loads it: OpenMP's binding first where
+    --pin-threads asks (OpenMP reads it only when llama.cpp's library loads), then server.loader. A
+    missing or unreadable file, or a bad flag, ends the script in one line through parser.error."""
+    if not Path(model).is_file():
+        parser.error(f"model file not found: {model}")
+    from server.cli import build_parser, settings_from_args
+
+    settings = settings_from_args(build_parser().parse_args([model, *serve_flags]))
+    if settings.pin_threads:
+        from server.affinity import pin_llama_threads
+
+        pin_llama_threads()
+    from server.loader import ModelLoadError, open_model
+    from server.placement import PlacementError
+
+    try:
+        return open_model(model, settings)
+    except (ModelLoadError, PlacementError) as exc:
+        parser.error(str(exc))
+
+
 # --- step 2c: raw llama.cpp in a fresh process --------------------------------------------------
 
 

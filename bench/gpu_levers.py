@@ -176,8 +176,9 @@ def markdown(report: dict[str, Any]) -> str:
              + (f", {report['experts']} experts a layer" if report.get("experts") else "") + ")", "",
              f"Machine: {json.dumps(report['machine'])}",
              f"Read bandwidth: {report['bandwidth_gb_s']:.1f} GB/s ({report['bandwidth_threads']} threads, numpy; "
-             f"the higher of {report.get('bandwidth_before_gb_s', 0):.1f} before and "
-             f"{report.get('bandwidth_after_gb_s', 0):.1f} after the variants)",
+             + (f"the higher of {report['bandwidth_before_gb_s']:.1f} before and "
+                f"{report['bandwidth_after_gb_s']:.1f} after the variants)" if "bandwidth_after_gb_s" in report
+                else "measured before the variants; the reading after them was not taken)"),
              f"Environment for every variant: {json.dumps(report.get('with_env', {}))}", "",
              "| variant | threads (decode/batch) | " + "".join(f"pp{n} tok/s | " for n in sizes)
              + "decode tok/s | first 32 / after | decode / baseline | decode / bound | CPU buffers |",

@@ -39,22 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     cut = argv.index("--") if "--" in argv else len(argv)
     args, serve = p.parse_args(argv[:cut]), argv[cut + 1:]  # after --: coder-serve flags (placement, threads)
-    if not Path(args.model).is_file():
-        p.error(f"model file not found: {args.model}")
-    from server.cli import build_parser, settings_from_args
-
-    settings = settings_from_args(build_parser().parse_args([args.model, *serve]))
-    if settings.pin_threads:  # as coder-serve does it: OpenMP's binding set before llama.cpp loads
-        from server.affinity import pin_llama_threads
-
-        pin_llama_threads()
-    from server.loader import ModelLoadError, open_model
-    from server.placement import PlacementError
-
-    try:
-        llm, summary = open_model(args.model, settings)
-    except (ModelLoadError, PlacementError) as exc:
-        p.error(str(exc))
+    llm, summary = gpu.open_like_server(args.model, serve, p)
     vocab = gpu.tokenizer_size(Path(args.model))
     seeds = iter(range(10_000))
 

@@ -140,3 +140,39 @@ def test_fuse_experts_refuses_bad_input_and_leaves_no_file(test_gguf: Path, tmp_
     again = run("bench/fuse_experts.py", str(fused), str(out))  # nothing left to fuse
     assert again.returncode == 1 and "no separate gate and up" in again.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fused.gguf"]
+
+
+def test_levers_report_cut_short_says_the_second_reading_is_missing() -> None:
+    levers = bench_module("gpu_levers")
+    report = json.loads((ROOT / "bench" / "results" / "gpu-h200-levers-L48-cycles-2026-11-29.json").read_text())
+    finished = levers.markdown(report)
+    assert f"the higher of {report['bandwidth_before_gb_s']:.1f} before" in finished
+    for key in ("bandwidth_before_gb_s", "bandwidth_after_gb_s"):
+        del report[key]  # as written after each variant, before the run's last reading
+    cut = levers.markdown(report)
+    assert "0.0 before" not in cut and "the reading after them was not taken" in cut
+
+
+def test_decode_drift_pairs_each_block_with_its_own_bandwidth(test_gguf: Path, tmp_path: Path) -> None:
+    done = run("bench/decode_drift.py", str(test_gguf), "--out", str(tmp_path), "--seconds", "1", "--decode", "8",
+               "--prompt", "16", "--read-gib", "0.05", "--", "--threads", "1", "--ctx-size", "512")
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads((tmp_path / "drift.json").read_text())
+    blocks = report["blocks"]
+    assert blocks and report["loader"]["threads"] == 1
+    for b in blocks:
+        assert b["gb_s"] > 0 and b["decode_tok_s"] > 0
+        assert abs(b["bound_tok_s"] - b["gb_s"] * 1e9 / report["expert_bytes_per_token"]) < 1e-6 * b["bound_tok_s"]
+        assert abs(b["of_bound"] - b["decode_tok_s"] / b["bound_tok_s"]) < 1e-9
+    assert report["summary"]["decode_min"] == min(b["decode_tok_s"] for b in blocks)
+    assert f"| {len(blocks)} |" in (tmp_path / "drift.md").read_text()
+
+
+def test_decode_drift_refuses_bad_counts_and_files(test_gguf: Path, tmp_path: Path) -> None:
+    done = run("bench/decode_drift.py", str(test_gguf), "--out", str(tmp_path), "--decode", "0")
+    assert done.returncode == 2 and "must be positive" in done.stderr
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"not a model")
+    done = run("bench/decode_drift.py", str(bad), "--out", str(tmp_path))
+    assert done.returncode == 2 and "not a readable GGUF" in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "drift.json").exists()
