@@ -11,9 +11,9 @@ from starlette.concurrency import run_in_threadpool
 from server.chat import complete_chat, start_chat, stream_chat
 from server.completions import complete_text, start_completion, stream_text
 from server.engine import Engine
-from server.errors import LOADING_RETRY_AFTER, ModelNotReady
+from server.errors import LOADING_RETRY_AFTER, ModelNotReady, NotFound
 from server.protocol import ChatCompletionRequest, CompletionRequest
-from server.responses import ChatCompletion, Completion, Health, ModelList, dump
+from server.responses import ChatCompletion, Completion, Health, ModelCard, ModelList, dump
 from server.responses_api import ResponsesRequest, start_response
 from server.responses_output import ResponseObject, complete_response, stream_response
 from server.state import ServerState
@@ -78,6 +78,15 @@ async def responses(body: ResponsesRequest, request: Request) -> Response:
 @router.get("/v1/models", response_model=ModelList, responses=ERRORS)
 async def models(request: Request) -> JSONResponse:
     return JSONResponse(dump(ModelList(data=[_state(request).model_card()])))
+
+
+@router.get("/v1/models/{model:path}", response_model=ModelCard, responses=ERRORS | {404: {"description": "No such model"}})
+async def model(request: Request, model: str) -> JSONResponse:
+    card = _state(request).model_card()
+    if model != card.id:  # as OpenAI's "retrieve model": only the served model exists here
+        raise NotFound(f"The model '{model}' does not exist; this server serves '{card.id}'", param="model",
+                       code="model_not_found")
+    return JSONResponse(dump(card))
 
 
 @router.get("/health", response_model=Health, responses={503: {"description": "Model loading"}})

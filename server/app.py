@@ -24,7 +24,7 @@ from server.engine import Engine, ModelFactory
 from server.errors import install_handlers
 from server.metrics import RequestCounter
 from server.prompt_cache import PromptCache
-from server.security import APIKeyCheck, BodyLimit, HostCheck
+from server.security import APIKeyCheck, BodyLimit, HostCheck, JSONBodies
 from server.settings import Settings
 from server.state import ServerState
 
@@ -83,6 +83,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     install_handlers(app)
     app.include_router(router)
     # Added innermost first: requests pass RequestCounter -> HostCheck -> CORS -> APIKeyCheck -> BodyLimit.
+    app.add_middleware(JSONBodies)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     if settings.api_key is not None:
         app.add_middleware(APIKeyCheck, key=settings.api_key.get_secret_value())
@@ -91,7 +92,8 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
             CORSMiddleware,
             allow_origins=settings.cors_origins,
             allow_methods=["GET", "POST", "OPTIONS"],
-            allow_headers=["Authorization", "Content-Type"],
+            # any request header: OpenAI's JavaScript SDK sends its own (x-stainless-os, ...) with every call
+            allow_headers=["*"],
         )
     if settings.loopback_only:
         app.add_middleware(HostCheck)

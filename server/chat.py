@@ -60,9 +60,11 @@ async def start_chat(
     params = req.to_generation(settings, info.n_vocab)
     tools = req.tool_dicts()
     await _check_grammar(engine, params, "response_format" if req.response_format else "tool_choice")
-    messages = req.message_dicts()
+    # Off the event loop: a long conversation takes seconds to convert and render, and every other
+    # client's stream would stall meanwhile.
+    messages = await run_in_threadpool(req.message_dicts)
     try:
-        prompt = template.render(messages, tools=tools)
+        prompt = await run_in_threadpool(partial(template.render, messages, tools=tools))
     except TemplateError as exc:
         raise InvalidRequest(str(exc), param="messages") from None
     tokens = await run_in_threadpool(engine.tokenize, prompt)

@@ -56,10 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CPU threads for prompts (default: as --threads if given, else every CPU, within the quota)")
     p.add_argument("--batch", type=int, metavar="N",
                    help="prompt tokens per evaluation step (default 4096 with routed experts in RAM beside a GPU, "
-                   "else 2048)")
+                   "except under auto; else 2048)")
     p.add_argument("--ubatch", type=int, metavar="N",
                    help="tokens per compute pass within a step (default 4096 with routed experts in RAM beside a "
-                   "GPU, else 512)")
+                   "GPU, except under auto; else 512)")
     p.add_argument("--mmap", action=argparse.BooleanOptionalAction,
                    help="map the file instead of loading it (default: no mmap when routed experts stay in RAM "
                    "beside a GPU, so they land in pinned memory)")

@@ -291,7 +291,8 @@ class Engine:
         if not tokens:
             raise InvalidRequest("The prompt is empty", param="prompt")
         if len(tokens) + (params.max_tokens or 1) > n_ctx:
-            raise ContextLengthExceeded(context_message(n_ctx, len(tokens), params.max_tokens))
+            raise ContextLengthExceeded(context_message(n_ctx, len(tokens), params.max_tokens),
+                                        param="messages" if kind == "chat" else "prompt")  # as OpenAI names it
         job = Job(self, tokens, params, kind, checkpoints)
         with self._cond:
             if self._state != "ready":

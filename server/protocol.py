@@ -257,7 +257,7 @@ class ChatCompletionRequest(_Model):
             schema = fmt.json_schema.schema_ or {"type": "object"}
             _check_schema_counts(schema)
             try:
-                return json_schema_to_gbnf(json.dumps(schema))
+                return json_safe_grammar(json_schema_to_gbnf(json.dumps(schema)))
             except Exception:  # the converter raises bare exceptions for schemas it cannot express
                 raise InvalidRequest(
                     "This JSON schema cannot be turned into a grammar", param="response_format.json_schema.schema"
@@ -348,6 +348,21 @@ class CompletionRequest(_Model):
 
 
 # ---- shared conversion ----
+
+
+# llama.cpp's schema converter (llama_cpp.llama_grammar, 0.3.36) lets control characters into a string
+# (`char`) and lets a pattern's `.` (`dot`) produce '"', '\\' and control characters: JSON forbids all
+# of them raw inside a string (RFC 8259, section 7), so these rules replace the converter's.
+JSON_STRING_RULES = {
+    "char": r'[^"\\\x7F\x00-\x1F] | "\\" (["\\/bfnrt] | "u" [0-9a-fA-F] [0-9a-fA-F] [0-9a-fA-F] [0-9a-fA-F])',
+    "dot": r'[^"\\\x7F\x00-\x1F] | "\\" ["\\/bft]',  # a regex '.' matches neither line break
+}
+_STRING_RULE = re.compile(rf"^({'|'.join(JSON_STRING_RULES)}) ::= .*$", re.MULTILINE)
+
+
+def json_safe_grammar(gbnf: str) -> str:
+    """The converter's grammar with its string-character rules replaced by ones that keep JSON valid."""
+    return _STRING_RULE.sub(lambda m: f"{m.group(1)} ::= {JSON_STRING_RULES[m.group(1)]}", gbnf)
 
 
 def _check_schema_counts(schema: Any) -> None:

@@ -5,6 +5,8 @@
 - API key: when configured, /v1/* and /metrics need "Authorization: Bearer KEY", compared in
   constant time.
 - Body limit: a request body above the limit is refused with 413 before it is all read.
+- JSON bodies: `curl -d` labels a body form-encoded unless told otherwise; POST bodies under /v1/ that
+  say so, or say nothing, are read as the JSON they are (as llama.cpp's server reads them).
 """
 
 from __future__ import annotations
@@ -101,3 +103,20 @@ class BodyLimit:
             return replay.pop() if replay else await receive()
 
         await self.app(scope, replaying_receive, send)
+
+
+class JSONBodies:
+    """Relabels a /v1/ POST body sent as form data, or with no type, as JSON."""
+
+    RELABELED = frozenset({"", "application/x-www-form-urlencoded"})
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"].startswith("/v1/"):
+            declared = Headers(scope=scope).get("content-type", "").split(";")[0].strip().lower()
+            if declared in self.RELABELED:
+                headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
+                scope = {**scope, "headers": [*headers, (b"content-type", b"application/json")]}
+        await self.app(scope, receive, send)

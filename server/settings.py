@@ -59,7 +59,8 @@ class Settings(BaseSettings):
     threads_batch: int | None = Field(None, ge=1, le=1024)  # prompt threads; None: as --threads, else every CPU (within the quota)
     # prompt tokens per llama_decode call (n_batch) and per compute pass (n_ubatch); None: 4096 and 4096 where
     # routed experts stay in RAM beside a GPU (long prompts then move each expert to the GPU once per 4096
-    # tokens instead of once per 512), else llama.cpp's 2048 and 512 (see docs/benchmarks.md)
+    # tokens instead of once per 512), except under auto, whose plan sizes the compute buffer for 512;
+    # else llama.cpp's 2048 and 512 (see docs/benchmarks.md)
     batch: int | None = Field(None, ge=1, le=65536)
     ubatch: int | None = Field(None, ge=1, le=65536)
     flash_attn: bool | None = None  # None leaves llama.cpp's default

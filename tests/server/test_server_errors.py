@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 from typing import Any
 
@@ -76,11 +77,14 @@ def test_template_failure_is_400_not_500(server: LiveServer) -> None:
 def test_prompt_plus_max_tokens_beyond_the_context_is_context_length_exceeded(server: LiveServer) -> None:
     n_ctx = server.engine.info.n_ctx
     with server.client() as client:
-        error = assert_error(client.post(CHAT, json=chat_body(max_tokens=n_ctx)), 400, code="context_length_exceeded")
+        error = assert_error(client.post(CHAT, json=chat_body(max_tokens=n_ctx)), 400, code="context_length_exceeded",
+                             param="messages")
         assert str(n_ctx) in error["message"]
         long_prompt = "word " * (n_ctx + 10)
         assert_error(client.post("/v1/completions", json={"model": "m", "prompt": long_prompt, "max_tokens": 1}), 400,
-                     code="context_length_exceeded")
+                     code="context_length_exceeded", param="prompt")
+        assert_error(client.post("/v1/responses", json={"model": "m", "input": long_prompt}), 400,
+                     code="context_length_exceeded", param="input")
 
 
 def test_unknown_path_and_method_use_the_envelope(server: LiveServer) -> None:
@@ -175,3 +179,25 @@ def test_cors_is_off_unless_origins_are_given(server: LiveServer, start_server: 
     with live.client() as client:
         response = client.options(CHAT, headers=preflight)
         assert response.headers["access-control-allow-origin"] == "http://localhost:3000"
+        sdk = preflight | {"Access-Control-Request-Headers": "authorization,content-type,x-stainless-os"}
+        response = client.options(CHAT, headers=sdk)  # what OpenAI's JavaScript SDK asks for in a browser
+        assert response.status_code == 200 and "x-stainless-os" in response.headers["access-control-allow-headers"]
+
+
+@pytest.mark.parametrize("content_type", [None, "application/x-www-form-urlencoded"])
+def test_a_json_body_sent_as_form_data_is_read_as_json(server: LiveServer, content_type: str | None) -> None:
+    # `curl -d '{...}'` without -H labels the body form-encoded; llama.cpp's server reads it anyway
+    body = json.dumps(chat_body(max_tokens=1)).encode()
+    headers = {"content-type": content_type} if content_type else {}
+    with server.client() as client:
+        request = client.build_request("POST", CHAT, content=body, headers=headers)
+        assert request.headers.get("content-type") == content_type
+        response = client.send(request)
+    assert response.status_code == 200, response.text
+    assert response.json()["object"] == "chat.completion"
+
+
+def test_a_body_of_another_declared_type_is_still_refused(server: LiveServer) -> None:
+    with server.client() as client:
+        response = client.post(CHAT, content=b"<xml/>", headers={"content-type": "application/xml"})
+    assert_error(response, 400)

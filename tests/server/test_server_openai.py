@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 
@@ -27,6 +28,14 @@ def test_models_lists_the_served_model(client: openai.OpenAI) -> None:
     models = client.models.list().data
     assert [m.id for m in models] == ["model"]  # the GGUF's file name without .gguf
     assert models[0].owned_by == "coder-serve"
+
+
+def test_models_retrieve_answers_for_the_served_model_only(client: openai.OpenAI) -> None:
+    card = client.models.retrieve("model")
+    assert card.id == "model" and card.object == "model" and card.owned_by == "coder-serve"
+    with pytest.raises(openai.NotFoundError) as info:
+        client.models.retrieve("gpt-4o")
+    assert info.value.body["code"] == "model_not_found" and "gpt-4o" in info.value.body["message"]
 
 
 def test_chat_completion_counts_tokens_exactly(client: openai.OpenAI, server: LiveServer) -> None:
@@ -104,6 +113,19 @@ def test_json_schema_response_format_forces_matching_json(client: openai.OpenAI)
     out = greedy(client, max_tokens=40, response_format={"type": "json_schema", "json_schema": {"name": "a", "schema": schema}})
     assert out.choices[0].finish_reason == "stop"
     assert json.loads(out.choices[0].message.content)["answer"] in ("yes", "no")
+
+
+@pytest.mark.parametrize("string_schema", [{"type": "string", "maxLength": 12}, {"type": "string", "pattern": "^a.{1,8}$"}])
+def test_json_schema_strings_never_hold_raw_control_characters(client: openai.OpenAI, server: LiveServer,
+                                                               string_schema: dict) -> None:
+    # llama.cpp's schema converter lets any character but '"' and '\\' into a string, and '.' in a pattern
+    # anything but a line break; a raw newline or tab inside a JSON string is not JSON.
+    pushed = {str(t): 100 for text in ("\n", "\t", "\"x") for t in server.engine.tokenize(text)[:1]}
+    schema = {"type": "object", "properties": {"code": string_schema}, "required": ["code"], "additionalProperties": False}
+    out = greedy(client, max_tokens=40, logit_bias=pushed,
+                 response_format={"type": "json_schema", "json_schema": {"name": "a", "schema": schema}})
+    assert out.choices[0].finish_reason == "stop"
+    assert isinstance(json.loads(out.choices[0].message.content)["code"], str)
 
 
 def test_json_object_response_format_starts_an_object(client: openai.OpenAI) -> None:
@@ -186,3 +208,21 @@ def test_tool_choice_required_yields_tool_calls(client: openai.OpenAI) -> None:
     assert any(c.choices and c.choices[0].delta.tool_calls for c in chunks)
     assert not any(c.choices and c.choices[0].delta.tool_calls and c.choices[0].delta.content for c in chunks)
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_chat_template_renders_off_the_event_loop(client: openai.OpenAI, server: LiveServer,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    template = server.app.state.server.template()
+    render, on_loop = template.render, []
+
+    def recording(*args: object, **kwargs: object) -> str:
+        try:
+            asyncio.get_running_loop()
+            on_loop.append(True)
+        except RuntimeError:  # no loop in this thread: a worker thread
+            on_loop.append(False)
+        return render(*args, **kwargs)
+
+    monkeypatch.setattr(template, "render", recording)
+    greedy(client, max_tokens=2)
+    assert on_loop and not any(on_loop)  # rendering a long conversation would stall every stream
