@@ -78,7 +78,6 @@ async def complete_text(job: Job, turn: CompletionTurn) -> dict[str, Any]:
 
 async def stream_text(job: Job, turn: CompletionTurn) -> AsyncIterator[dict[str, str]]:
     cid, created = new_id("cmpl"), now()
-    offset = len(turn.echo)
 
     def chunk(text: str, finish: str | None = None, logprobs: Any = None) -> dict[str, str]:
         choice = CompletionChoice(finish_reason=finish, index=0, logprobs=logprobs, text=text)
@@ -89,8 +88,7 @@ async def stream_text(job: Job, turn: CompletionTurn) -> AsyncIterator[dict[str,
             yield chunk(turn.echo)
         async for event in job.events():
             if isinstance(event, TextDelta):
-                lp = completion_logprobs(event.logprobs, offset) if turn.logprobs else None
-                offset += len(event.text)
+                lp = completion_logprobs(event.logprobs, len(turn.echo)) if turn.logprobs else None
                 yield chunk(event.text, logprobs=lp)
             elif isinstance(event, Finished) and event.reason != "cancelled":
                 yield chunk("", finish=event.reason)

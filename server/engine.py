@@ -18,7 +18,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal, TypeVar
 
 import llama_cpp
@@ -443,7 +443,7 @@ class Engine:
         t1 = time.perf_counter()
         limit = info.n_ctx - n_prompt if p.max_tokens is None else min(p.max_tokens, info.n_ctx - n_prompt)
         text = TextStream(p.stop)
-        logprobs: list[TokenLogprob] = []
+        logprobs: list[TokenLogprob] = []  # of tokens whose text has not been sent yet
         n_gen, reason = 0, "length"
         with SamplerChain(self._vocab, info.n_vocab, p.sampling, p.grammar) as sampler:
             while n_gen < limit:
@@ -463,11 +463,14 @@ class Engine:
                     llama.eval([token])
                 piece = self.piece(token)
                 if p.logprobs:
-                    logprobs.append(token_logprob(llama.ctx, info.n_vocab, token, p.top_logprobs, self.piece))
+                    lp = token_logprob(llama.ctx, info.n_vocab, token, p.top_logprobs, self.piece)
+                    logprobs.append(replace(lp, offset=text.decoded))
                 out = text.push(piece)
-                if out or (text.stopped and logprobs):
-                    job.emit(TextDelta(out, tuple(logprobs)))
-                    logprobs = []
+                # A token's logprob goes out with the text it begins in; a stop string's tokens never do.
+                ready = [lp for lp in logprobs if lp.offset < text.released]
+                logprobs = [] if text.stopped else logprobs[len(ready):]
+                if out or ready:
+                    job.emit(TextDelta(out, tuple(ready)))
                 if text.stopped:
                     reason = "stop"
                     break

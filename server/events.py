@@ -31,6 +31,7 @@ class TokenLogprob:
     bytes: tuple[int, ...]
     logprob: float
     top: tuple[TopLogprob, ...]
+    offset: int = 0  # where the token's text begins in the generated text, in characters
 
 
 @dataclass(frozen=True)

@@ -202,18 +202,24 @@ def chat_logprobs(records: list[TokenLogprob] | tuple[TokenLogprob, ...]) -> Cho
     )
 
 
-def completion_logprobs(records: list[TokenLogprob] | tuple[TokenLogprob, ...], offset: int) -> CompletionLogprobs:
-    """Legacy completions format; `offset` is the text offset of the first token."""
-    offsets = []
-    for r in records:
-        offsets.append(offset)
-        offset += len(r.token)
+def completion_logprobs(records: list[TokenLogprob] | tuple[TokenLogprob, ...], start: int) -> CompletionLogprobs:
+    """Legacy completions format; `start` is where the generated text begins in the returned text (after
+    an echoed prompt). Each offset is where the token's text begins, in characters."""
     return CompletionLogprobs(
-        text_offset=offsets,
+        text_offset=[start + r.offset for r in records],
         token_logprobs=[r.logprob for r in records],
-        tokens=[r.token for r in records],
-        top_logprobs=[{t.token: t.logprob for t in r.top} for r in records],
+        tokens=[legacy_token(r.token, r.bytes) for r in records],
+        top_logprobs=[{legacy_token(t.token, t.bytes): t.logprob for t in r.top} for r in records],
     )
+
+
+def legacy_token(text: str, raw: tuple[int, ...]) -> str:
+    """A token as the legacy format names it: its text, or for a piece of a UTF-8 character (which has
+    no text of its own, and this format no bytes field) "bytes:" and its bytes escaped, as OpenAI writes it."""
+    try:
+        return bytes(raw).decode("utf-8")
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
 
 
 def dump(model: BaseModel) -> dict[str, Any]:

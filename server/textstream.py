@@ -16,31 +16,39 @@ class TextStream:
         self._stops = tuple(s for s in stop if s)
         self._held = ""
         self.stopped = False  # True once a stop string was found; nothing more is accepted
+        # Character counts over the whole generation, so that a token's text can be placed in it:
+        self.decoded = 0  # decoded so far, sent or held
+        self.released = 0  # returned by push/flush so far: the generated text's length once stopped
 
     def push(self, piece: bytes) -> str:
         """Add one token's bytes; return the text that is now safe to send."""
         if self.stopped:
             return ""
-        return self._release(self._held + self._decoder.decode(piece))
+        return self._release(self._decoder.decode(piece))
 
     def flush(self) -> str:
         """End of generation: release everything held (an incomplete character becomes U+FFFD)."""
         if self.stopped:
             return ""
-        text = self._release(self._held + self._decoder.decode(b"", final=True))
+        text = self._release(self._decoder.decode(b"", final=True))
         text += self._held
+        self.released += len(self._held)
         self._held = ""
         return text
 
-    def _release(self, text: str) -> str:
+    def _release(self, new: str) -> str:
+        self.decoded += len(new)
+        text = self._held + new
         cut = self._first_stop(text)
         if cut is not None:
             self.stopped = True
             self._held = ""
-            return text[:cut]
-        keep = self._partial_stop_length(text)
-        self._held = text[len(text) - keep :] if keep else ""
-        return text[: len(text) - keep]
+        else:
+            keep = self._partial_stop_length(text)
+            self._held = text[len(text) - keep :] if keep else ""
+            cut = len(text) - keep
+        self.released += cut
+        return text[:cut]
 
     def _first_stop(self, text: str) -> int | None:
         found = [i for i in (text.find(s) for s in self._stops) if i >= 0]

@@ -226,3 +226,53 @@ def test_chat_template_renders_off_the_event_loop(client: openai.OpenAI, server:
     monkeypatch.setattr(template, "render", recording)
     greedy(client, max_tokens=2)
     assert on_loop and not any(on_loop)  # rendering a long conversation would stall every stream
+
+
+def legacy_bytes(token: str) -> bytes:
+    """The bytes a legacy-completions token names: its text, or "bytes:\\xNN..." for a piece of a character."""
+    if token.startswith("bytes:"):
+        return bytes(int(h, 16) for h in token[len("bytes:"):].split("\\x")[1:])
+    return token.encode()
+
+
+def test_completion_logprobs_place_every_token_in_the_text(client: openai.OpenAI) -> None:
+    # Multi-byte characters come as several byte tokens; each offset is where its token's text begins.
+    prompt = "# 注释：你好世界 😀 🚀 日本語のテキスト\n" * 6
+    out = client.completions.create(model="m", prompt=prompt, max_tokens=24, temperature=0, logprobs=1)
+    text, lp = out.choices[0].text, out.choices[0].logprobs
+    pieces = [legacy_bytes(t) for t in lp.tokens]
+    assert b"".join(pieces).decode("utf-8", "replace") == text
+    starts = [len(b"".join(pieces[:i]).decode("utf-8", "ignore")) for i in range(len(pieces))]
+    assert lp.text_offset == starts
+    streamed = [lp for c in client.completions.create(model="m", prompt=prompt, max_tokens=24, temperature=0,
+                                                       logprobs=1, stream=True) for lp in [c.choices[0].logprobs] if lp]
+    assert [o for lp in streamed for o in lp.text_offset] == starts
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_stop_string_takes_its_tokens_logprobs_with_it(client: openai.OpenAI, stream: bool) -> None:
+    full = greedy(client, max_tokens=40).choices[0].message.content
+    stop = full[len(full) // 3:len(full) // 3 + 12]  # long enough to span several tokens
+    kwargs = {"max_tokens": 40, "stop": [stop], "logprobs": True}
+    if stream:
+        chunks = [c for c in greedy(client, stream=True, **kwargs) if c.choices]
+        content = "".join(c.choices[0].delta.content or "" for c in chunks)
+        tokens = [t for c in chunks if c.choices[0].logprobs for t in c.choices[0].logprobs.content or []]
+    else:
+        choice = greedy(client, **kwargs).choices[0]
+        content, tokens = choice.message.content, choice.logprobs.content
+    assert content == full[:full.index(stop)]
+    joined = b"".join(bytes(t.bytes) for t in tokens)
+    assert joined.decode("utf-8", "replace").startswith(content)
+    last_start = len(b"".join(bytes(t.bytes) for t in tokens[:-1]).decode("utf-8", "ignore"))
+    assert last_start < len(content)  # no token that begins inside the stop string
+
+
+def test_completion_stop_string_leaves_no_offset_past_the_text(client: openai.OpenAI) -> None:
+    full = client.completions.create(model="m", prompt="def add(a, b):\n", max_tokens=30, temperature=0).choices[0].text
+    stop = full[len(full) // 2:len(full) // 2 + 4]
+    out = client.completions.create(model="m", prompt="def add(a, b):\n", max_tokens=30, temperature=0, stop=[stop],
+                                    logprobs=1)
+    text, lp = out.choices[0].text, out.choices[0].logprobs
+    assert text == full[:full.index(stop)]
+    assert all(o < len(text) for o in lp.text_offset) and len(lp.tokens) == len(lp.text_offset)

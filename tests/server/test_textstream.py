@@ -55,3 +55,18 @@ def test_held_text_is_released_at_the_end() -> None:
 def test_earliest_of_several_stops_wins() -> None:
     s = TextStream(["bb", "a"])
     assert s.push(b"xxbbya") == "xx"
+
+
+def test_positions_count_characters_decoded_and_sent() -> None:
+    s = TextStream(["</end>"])
+    snake = "🐍".encode()
+    s.push(b"ab" + snake[:2])
+    assert (s.decoded, s.released) == (2, 2)  # half a character is not a character yet
+    s.push(snake[2:] + b"</")
+    assert (s.decoded, s.released) == (5, 3)  # "</" held: it may begin the stop string
+    s.push(b"en")
+    s.push(b"d>tail")
+    assert s.stopped and s.released == 3  # the text ends where the stop string began
+    t = TextStream()
+    t.push("é".encode()[:1])
+    assert t.flush() == "\ufffd" and (t.decoded, t.released) == (1, 1)
