@@ -15,16 +15,20 @@ stops with an error once the sums would pass `limit` bytes (they are held in flo
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 from threadpoolctl import threadpool_limits
 
 from quantizer.errors import ImatrixError, QuantError
 from quantizer.evaluate import sha256_file
+from quantizer.imatrix import publish, temporary_beside
 from quantizer.imatrix_collect import ActivationCollector, GgmlTensor
+from quantizer.writer import usual_mode
 
 FORMAT = "coder-quant expert input covariance v1"
 DEFAULT_LIMIT = 8 << 30  # bytes of float64 sums held while collecting
@@ -69,6 +73,16 @@ class CovarianceCollector(ActivationCollector):
 
 def write_covariances(path: Path, collector: CovarianceCollector, dataset: str, chunk_count: int) -> None:
     """Means and counts of what `collector` summed, written whole or not at all."""
+    tmp = stage_covariances(path, collector, dataset, chunk_count)
+    try:
+        publish([(tmp, path)])
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def stage_covariances(path: Path, collector: CovarianceCollector, dataset: str, chunk_count: int) -> Path:
+    """Means and counts of what `collector` summed, written to a temporary file beside `path` and
+    returned for `quantizer.imatrix.publish`; nothing is left behind if the write fails."""
     if not collector.covariances or collector.cov_counts is None:
         raise ImatrixError("no routed-expert inputs were seen: the model has no MoE layers to write covariances for")
     tensors: dict[str, np.ndarray] = {}
@@ -78,12 +92,36 @@ def write_covariances(path: Path, collector: CovarianceCollector, dataset: str, 
         tensors[f"{name}.count"] = counts.copy()
     metadata = {"format": FORMAT, "dataset": dataset, "chunk_count": str(chunk_count),
                 "chunk_size": str(collector.chunk_size)}
-    partial = path.with_name(path.name + ".partial")
+    tmp = temporary_beside(path)
     try:
-        save_file(tensors, str(partial), metadata=metadata)
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
+        save_file(tensors, str(tmp), metadata=metadata)
+        # safetensors writes through a private (0600) file of its own and renames it over ours
+        os.chmod(tmp, usual_mode())
+        _check_complete(tmp, path, sum(a.nbytes for a in tensors.values()))
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError):  # disk full, file too large, permissions...: one line, not a traceback
+            raise ImatrixError(f"cannot write {path}: {exc.strerror or exc}") from exc
+        if isinstance(exc, SafetensorError):  # how safetensors reports the same I/O errors
+            raise ImatrixError(f"cannot write {path}: {_io_reason(exc)}") from exc
+        raise
+    return tmp
+
+
+def _io_reason(exc: SafetensorError) -> str:
+    """'File too large' from safetensors' 'Error while serializing: I/O error: File too large (os error 27)'."""
+    match = re.search(r"I/O error: (.*?)(?: \(os error \d+\))?$", str(exc))
+    return match.group(1) if match else str(exc)
+
+
+def _check_complete(written: Path, path: Path, data_bytes: int) -> None:
+    """A safetensors file is an 8-byte header length, the header, then the data: a short write is shorter."""
+    with written.open("rb") as f:
+        prefix = f.read(8)
+    size = written.stat().st_size
+    expected = 8 + int.from_bytes(prefix, "little") + data_bytes if len(prefix) == 8 else 8 + data_bytes
+    if size != expected:
+        raise ImatrixError(f"cannot write {path}: short write ({size:,} of {expected:,} bytes)")
 
 
 @dataclass(frozen=True)

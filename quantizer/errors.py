@@ -19,5 +19,9 @@ class ImatrixError(QuantError):
     """An importance matrix is unreadable or does not match the model."""
 
 
+class EvalError(QuantError):
+    """Evaluation inputs are unusable: too little text, mismatched models or a foreign cache."""
+
+
 class VerifyError(QuantError):
     """A written GGUF does not match its source."""

@@ -37,7 +37,8 @@ from typing import BinaryIO
 
 import numpy as np
 
-from quantizer.errors import QuantError
+from quantizer.errors import EvalError
+from quantizer.llama_session import LlamaSession
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +48,6 @@ CODEC = "llama.cpp-uint16-logprob"
 # llama.cpp keeps base log-probs within 16 nats of the top logit and sums KLD over p_base > e^-16.
 LOGIT_WINDOW = np.float32(16.0)
 F32 = np.float32
-
-
-class EvalError(QuantError):
-    """Evaluation inputs are unusable: too little text, mismatched models or a foreign cache."""
 
 
 @dataclass(frozen=True)
@@ -205,108 +202,7 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-class LlamaSession:
-    """One model and one single-sequence context of `ctx` tokens; chunks decode from an empty memory.
-
-    `eval_callback` (a ggml_backend_sched_eval_callback) sees every graph node, for activation statistics.
-    """
-
-    def __init__(
-        self, path: Path, ctx: int, eval_callback: object | None = None, threads: int | None = None
-    ) -> None:
-        self.path, self.ctx, self._callback, self.threads = Path(path), ctx, eval_callback, threads
-        self._model = self._ctx = None
-
-    def __enter__(self) -> LlamaSession:
-        import llama_cpp
-
-        self._llama = llama_cpp
-        chatty = logging.getLogger("llama-cpp-python")  # its default callback prints everything
-        if chatty.level == logging.NOTSET:
-            chatty.setLevel(logging.DEBUG if log.isEnabledFor(logging.DEBUG) else logging.ERROR)
-        llama_cpp.llama_backend_init()
-        model_params = llama_cpp.llama_model_default_params()
-        # Plain weight buffers: the repacked/AMX layouts only add speed, and a host that advertises AMX
-        # without granting it dies with SIGILL on IQ4_XS and K-quant tensors (seen on VMs).
-        model_params.use_extra_bufts = False
-        self._model = llama_cpp.llama_model_load_from_file(str(self.path).encode(), model_params)
-        if not self._model:
-            raise EvalError(f"llama.cpp cannot load {self.path}")
-        params = llama_cpp.llama_context_default_params()
-        params.n_ctx = params.n_batch = params.n_ubatch = self.ctx
-        params.n_seq_max = 1
-        if self.threads:  # else llama.cpp's default (GGML_DEFAULT_N_THREADS)
-            params.n_threads = params.n_threads_batch = self.threads
-        if self._callback is not None:
-            params.cb_eval = self._callback
-        self._ctx = llama_cpp.llama_init_from_model(self._model, params)
-        if not self._ctx:
-            self.__exit__(None, None, None)
-            raise EvalError(f"llama.cpp cannot create a context of {self.ctx} tokens for {self.path}")
-        self._vocab = llama_cpp.llama_model_get_vocab(self._model)
-        self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(self._vocab))
-        self.add_bos = bool(llama_cpp.llama_vocab_get_add_bos(self._vocab))
-        self._batch = llama_cpp.llama_batch_init(self.ctx, 0, 1)
-        for k in range(self.ctx):
-            self._batch.n_seq_id[k] = 1
-            self._batch.seq_id[k][0] = 0
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._ctx:
-            self._llama.llama_batch_free(self._batch)
-            self._llama.llama_free(self._ctx)
-        if self._model:
-            self._llama.llama_model_free(self._model)
-        self._model = self._ctx = None
-
-    def tokenize(self, text: str) -> np.ndarray:
-        """common_tokenize(ctx, text, add_special=true, parse_special=false), as the tools call it."""
-        data = text.encode("utf-8")
-        buf = (self._llama.llama_token * (len(data) + 2))()
-        n = self._llama.llama_tokenize(self._vocab, data, len(data), buf, len(buf), True, False)
-        if n < 0:
-            raise EvalError(f"tokenization failed ({n})")
-        return np.ctypeslib.as_array(buf)[:n].astype(np.int32)
-
-    def decode_chunk(self, chunk: np.ndarray, first: int, want_logits: bool = True) -> np.ndarray | None:
-        """Logits (float32, one row per position >= first) of one chunk evaluated from scratch."""
-        lib, n = self._llama, len(chunk)
-        if n > self.ctx:
-            raise EvalError(f"chunk of {n} tokens exceeds the context of {self.ctx}")
-        lib.llama_memory_clear(lib.llama_get_memory(self._ctx), True)
-        tokens = np.ctypeslib.as_array(self._batch.token, shape=(self.ctx,))
-        tokens[:n] = chunk
-        if self.add_bos:  # llama-perplexity overwrites a chunk's first token with BOS
-            tokens[0] = lib.llama_vocab_bos(self._vocab)
-        np.ctypeslib.as_array(self._batch.pos, shape=(self.ctx,))[:n] = np.arange(n)
-        np.ctypeslib.as_array(self._batch.logits, shape=(self.ctx,))[:n] = np.arange(n) >= first
-        self._batch.n_tokens = n
-        rc = lib.llama_decode(self._ctx, self._batch)
-        if rc != 0:
-            raise EvalError(f"llama_decode failed on {self.path} ({rc})")
-        if not want_logits:
-            return None
-        rows = n - first
-        out = lib.llama_get_logits_ith(self._ctx, first)
-        return np.ctypeslib.as_array(out, shape=(rows * self.n_vocab,)).reshape(rows, self.n_vocab).copy()
-
-
 # --- chunking, exactly as llama-perplexity cuts the text -------------------------------------
-
-
-def chunk_tokens(tokens: np.ndarray, ctx: int, max_chunks: int | None) -> np.ndarray:
-    """(n_chunk, ctx) array of the chunks llama-perplexity evaluates; too little text is an error."""
-    if ctx < 4:
-        raise EvalError(f"--ctx must be at least 4, got {ctx}")
-    if tokens.size < 2 * ctx:
-        raise EvalError(f"the text has {tokens.size} tokens; a context of {ctx} needs at least {2 * ctx}")
-    n_chunk = tokens.size // ctx
-    if max_chunks is not None:
-        if max_chunks < 1:
-            raise EvalError(f"--chunks must be positive, got {max_chunks}")
-        n_chunk = min(n_chunk, max_chunks)
-    return tokens[: n_chunk * ctx].reshape(n_chunk, ctx).copy()
 
 
 def scored_targets(chunk: np.ndarray) -> np.ndarray:
@@ -394,7 +290,7 @@ def _check_cache(path: Path, want: CacheHeader, got: CacheHeader) -> None:
 def write_base_cache(session: LlamaSession, text: str, max_chunks: int | None, out: Path, base_sha: str) -> None:
     """Run the base model over the text and store its scored distributions at `out`."""
     ctx = session.ctx
-    chunks = chunk_tokens(session.tokenize(text), ctx, max_chunks)
+    chunks = session.chunks(text, max_chunks)
     header = CacheHeader(
         base_sha256=base_sha,
         text_sha256=hashlib.sha256(text.encode("utf-8")).hexdigest(),
@@ -407,7 +303,7 @@ def write_base_cache(session: LlamaSession, text: str, max_chunks: int | None, o
     try:
         f = partial.open("wb")
     except OSError as exc:
-        raise EvalError(f"cannot write base-logits cache {out}: {exc.strerror}") from None
+        raise EvalError(f"cannot write base-logits cache {out}: {exc.strerror or exc}") from None
     try:
         with f:
             _write_header(f, header, chunks)
@@ -415,9 +311,16 @@ def write_base_cache(session: LlamaSession, text: str, max_chunks: int | None, o
                 logits = session.decode_chunk(chunk, first=ctx // 2)[:-1]
                 _write_chunk(f, encode_base(logits, scored_targets(chunk)))
                 log.debug("base chunk %d/%d", i + 1, len(chunks))
+            f.flush()
+            os.fsync(f.fileno())
+            size, on_disk = f.tell(), os.fstat(f.fileno()).st_size
+            if on_disk != size:  # as quantizer.writer: never publish fewer bytes than were written
+                raise EvalError(f"short write: {partial} has {on_disk} bytes on disk, {size} were written")
         os.replace(partial, out)
-    except BaseException:
+    except BaseException as exc:
         partial.unlink(missing_ok=True)
+        if isinstance(exc, OSError):  # disk full, file too large...: one line, not a traceback
+            raise EvalError(f"cannot write base-logits cache {out}: {exc.strerror or exc}") from None
         raise
     log.info("base distributions of %d chunks written to %s", len(chunks), out)
 
@@ -430,7 +333,7 @@ def score_against_cache(
     The cache must come from the same base model (sha256), ctx and text, and hold the same chunks.
     """
     header, cached, offset = read_cache_header(cache)
-    chunks = chunk_tokens(session.tokenize(text), session.ctx, max_chunks)
+    chunks = session.chunks(text, max_chunks)
     want = CacheHeader(
         base_sha256=base_sha,
         text_sha256=hashlib.sha256(text.encode("utf-8")).hexdigest(),
@@ -470,6 +373,9 @@ def evaluate(
             raise EvalError(f"model file not found: {p}")
     if not text:
         raise EvalError("the evaluation text is empty")
+    if base_logits is not None:
+        check_cache_path(Path(base_logits))
+    check_comparable(base, quant, text, ctx, max_chunks)
     base_sha = sha256_file(base)
     with tempfile.TemporaryDirectory(prefix="coder-quant-eval-") as tmp:
         cache = Path(base_logits) if base_logits is not None else Path(tmp) / "base.logits"
@@ -480,3 +386,32 @@ def evaluate(
                 write_base_cache(session, text, max_chunks, cache, base_sha)
         with LlamaSession(quant, ctx) as session:
             return score_against_cache(session, text, max_chunks, cache, base_sha)
+
+
+def check_cache_path(cache: Path) -> None:
+    """Refuse, before any model runs, a --base-logits path that can be neither read nor written."""
+    if cache.exists():
+        if not cache.is_file():
+            what = "a directory" if cache.is_dir() else "not a regular file"
+            raise EvalError(f"--base-logits {cache} is {what}")
+        return
+    folder = cache.parent
+    if not folder.is_dir():
+        raise EvalError(f"--base-logits {cache}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise EvalError(f"--base-logits {cache}: folder {folder} is not writable")
+
+
+def check_comparable(base: Path, quant: Path, text: str, ctx: int, max_chunks: int | None) -> None:
+    """Refuse, before any model runs, too little text, a ctx either model does not support, and two models
+    whose vocabularies differ: their distributions cannot be compared token for token."""
+    seen = []
+    for path in (base, quant):
+        with LlamaSession(path, ctx, vocab_only=True) as session:  # the vocabulary alone: milliseconds
+            seen.append((session.n_vocab, session.add_bos, session.chunks(text, max_chunks)))
+    (base_vocab, base_bos, base_chunks), (quant_vocab, quant_bos, quant_chunks) = seen
+    if base_vocab != quant_vocab:
+        raise EvalError(f"{base} ({base_vocab} tokens) and {quant} ({quant_vocab} tokens) have different "
+                        "vocabularies; they cannot be compared")  # fmt: skip
+    if base_bos != quant_bos or not np.array_equal(base_chunks, quant_chunks):
+        raise EvalError(f"{base} and {quant} tokenize the text differently; they cannot be compared")

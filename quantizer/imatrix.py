@@ -12,7 +12,6 @@ import dataclasses
 import hashlib
 import os
 import struct
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from gguf.constants import GGMLQuantizationType
 from quantizer.errors import ImatrixError
 from quantizer.plan import Plan
 from quantizer.spec import TensorSpec
+from quantizer.writer import new_partial
 
 # Keys of llama.cpp's GGUF imatrix (common/imatrix-loader.h).
 KEY_TYPE = "general.type"
@@ -204,6 +204,24 @@ def _pad(n: int, align: int = GGUF_DEFAULT_ALIGNMENT) -> int:
     return -n % align
 
 
+def temporary_beside(out: Path) -> Path:
+    """A new empty file in `out`'s folder, with the user's usual permissions, to be renamed over `out`
+    by `publish` once complete: a rename within one folder never leaves a half-written `out`."""
+    try:
+        return new_partial(out)
+    except OSError as exc:
+        raise ImatrixError(f"cannot write {out}: {exc.strerror or exc}") from None
+
+
+def publish(staged: Sequence[tuple[Path, Path]]) -> None:
+    """Rename each finished (temporary, output) pair's temporary file over its output, in order."""
+    for tmp, out in staged:
+        try:
+            os.replace(tmp, out)
+        except OSError as exc:
+            raise ImatrixError(f"cannot write {out}: {exc.strerror or exc}") from exc
+
+
 def write_imatrix_gguf(
     path: str | os.PathLike[str],
     sums: Mapping[str, np.ndarray],
@@ -212,10 +230,27 @@ def write_imatrix_gguf(
     chunk_count: int,
     chunk_size: int,
 ) -> None:
-    """Write raw statistics in llama-imatrix's GGUF layout.
+    """Write raw statistics in llama-imatrix's GGUF layout; the file appears only once complete."""
+    tmp = stage_imatrix_gguf(path, sums, counts, datasets, chunk_count, chunk_size)
+    try:
+        publish([(tmp, Path(path))])
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def stage_imatrix_gguf(
+    path: str | os.PathLike[str],
+    sums: Mapping[str, np.ndarray],
+    counts: Mapping[str, np.ndarray],
+    datasets: Sequence[str],
+    chunk_count: int,
+    chunk_size: int,
+) -> Path:
+    """Write raw statistics in llama-imatrix's GGUF layout to a temporary file beside `path`, returned
+    for `publish` (which renames it over `path`); nothing is left behind if the write fails.
 
     `sums[name]`: summed squared activations, (cols,) or (n_expert, cols); `counts[name]`: rows
-    accumulated per matrix, a scalar/(1,) or (n_expert,). The file appears only once complete.
+    accumulated per matrix, a scalar/(1,) or (n_expert,).
     """
     if sums.keys() != counts.keys():
         raise ImatrixError("sums and counts must name the same tensors")
@@ -245,21 +280,15 @@ def write_imatrix_gguf(
         offset += data.nbytes + _pad(data.nbytes)
     header = struct.pack("<IIqq", GGUF_MAGIC, GGUF_VERSION, len(tensors), 4) + kv + b"".join(infos)
     out = Path(path)
+    tmp = temporary_beside(out)
     try:
-        fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent)
-    except OSError as exc:
-        raise ImatrixError(f"cannot write {out}: {exc.strerror or exc}") from None
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)  # as any file this user creates, not mkstemp's private 0600
-        with os.fdopen(fd, "wb") as f:
+        with tmp.open("wb") as f:
             f.write(header + bytes(_pad(len(header))))
             for _, data, _ in tensors:
                 f.write(data.astype("<f4").tobytes() + bytes(_pad(data.nbytes)))
-        os.replace(tmp, out)
     except BaseException as exc:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(exc, OSError):  # disk full, permissions...: one line, not a traceback
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError):  # disk full, file too large, permissions...: one line, not a traceback
             raise ImatrixError(f"cannot write {out}: {exc.strerror or exc}") from exc
         raise
+    return tmp

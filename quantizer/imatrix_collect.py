@@ -15,16 +15,19 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import signal
 import sys
 import sysconfig
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from quantizer.errors import ImatrixError
-from quantizer.evaluate import LlamaSession, chunk_tokens
+from quantizer.evaluate import LlamaSession
 from quantizer.ggml import library_path as ggml_library_path
 
 log = logging.getLogger(__name__)
@@ -246,6 +249,36 @@ class ActivationCollector:
         return ImatrixStats(sums, counts, chunk_count=top // self.chunk_size, chunk_size=self.chunk_size)
 
 
+STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n))
+
+
+@contextmanager
+def _signals_between_chunks() -> Iterator[Callable[[], None]]:
+    """Ctrl-C, SIGTERM and SIGHUP wait for the chunk in progress. Python runs a signal's handler at its
+    next line, which during a chunk is llama.cpp's callback: an exception raised there cannot unwind
+    through C and is dropped, and the run would go on. Yields a function that hands a signal that came
+    to the handlers the caller had, between chunks, where their exception stops the run."""
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: None  # only the main thread receives signals' handlers
+        return
+    caught: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, _frame: caught.append(signum)) for sig in STOP_SIGNALS}
+
+    def restore() -> None:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+    def deliver() -> None:
+        if caught:
+            restore()
+            signal.raise_signal(caught[0])
+
+    try:
+        yield deliver
+    finally:
+        restore()
+
+
 def collect_imatrix(
     model: str | Path,
     text: str,
@@ -262,11 +295,12 @@ def collect_imatrix(
         raise ImatrixError(f"model file not found: {path}")
     if collector is None:
         collector = ActivationCollector(chunk_size=ctx, process_output=process_output)
-    with LlamaSession(path, ctx, eval_callback=collector.callback) as session:
-        chunks = chunk_tokens(session.tokenize(text), ctx, max_chunks)
+    with LlamaSession(path, ctx, eval_callback=collector.callback) as session, _signals_between_chunks() as deliver:
+        chunks = session.chunks(text, max_chunks)  # text and ctx checked before the context is created
         for i, chunk in enumerate(chunks):
             # all outputs: otherwise the last layer runs its FFN on the output rows only
             session.decode_chunk(chunk, first=0, want_logits=False)
+            deliver()
             collector.check()
             if progress is not None:
                 progress(i + 1, len(chunks))

@@ -29,7 +29,7 @@ import numpy as np
 from gguf import GGUF_DEFAULT_ALIGNMENT
 
 from quantizer import ggml
-from quantizer.build import build_gguf, checkpoint_specs
+from quantizer.build import build_gguf, check_imatrix_coverage, checkpoint_specs
 from quantizer.equalize import eligible_layers
 from quantizer.errors import QuantError
 from quantizer.evaluate import EvalResult, LlamaSession, score_against_cache, write_base_cache
@@ -108,6 +108,7 @@ class Suggestion:
     other: EvalResult | None = None  # the same rules the other way (with or without equalization)
     gptq: bool = False  # the proposal rounds its IQ4_XS experts by GPTQ (build --gptq)
     gptq_pair: tuple[EvalResult, EvalResult] | None = None  # (with, without) GPTQ, both unequalized
+    imatrix: Path | None = None  # the caller's importance matrix; None: suggest collected its own, not kept
 
 
 def expert_groups(specs: Iterable[TensorSpec], granularity: Granularity) -> list[Group]:
@@ -143,8 +144,7 @@ def split_budget(specs: Sequence[TensorSpec], bf16_file_bytes: int, ram: int, vr
     hundred bytes of metadata, not counted).
     """
     plan = make_plan(specs, get_recipe("bf16"))
-    padded = sum(e.nbytes + (-e.nbytes % GGUF_DEFAULT_ALIGNMENT) for e in plan.entries)
-    ram_bytes = bf16_file_bytes - padded  # the real header
+    ram_bytes = bf16_file_bytes - bf16_tensor_bytes(specs)  # the real header
     gpu_bytes = 0
     for e in plan.entries:
         if e.spec.tclass == "routed_expert":
@@ -157,6 +157,41 @@ def split_budget(specs: Sequence[TensorSpec], bf16_file_bytes: int, ram: int, vr
         raise SuggestError(f"the tensors kept for the GPU (attention, SSM, shared experts, output) need "
                            f"{gpu_bytes:,} bytes; --vram-budget is {vram:,}")  # fmt: skip
     return Split(ram_bytes, gpu_bytes, ram - ram_bytes)
+
+
+def bf16_tensor_bytes(specs: Sequence[TensorSpec]) -> int:
+    """Bytes of tensor data (aligned) in the BF16 build: its file size less the header."""
+    plan = make_plan(specs, get_recipe("bf16"))
+    return sum(e.nbytes + (-e.nbytes % GGUF_DEFAULT_ALIGNMENT) for e in plan.entries)
+
+
+def check_experts_fit(split: Split, groups: Sequence[Group], types: Sequence[str]) -> None:
+    """Refuse budgets that leave too little for every expert group at its smallest candidate type."""
+    least = sum(min(g.nbytes(t) for t in (*types, KEEP)) for g in groups)
+    if split.expert_budget < least:
+        raise SuggestError(f"routed experts need at least {least:,} bytes on top of {split.fixed_ram:,} bytes of "
+                           f"other tensors in RAM; --ram-budget is {split.expert_budget + split.fixed_ram:,}")  # fmt: skip
+
+
+def check_inputs(specs: Sequence[TensorSpec], groups: Sequence[Group], types: Sequence[str], ram_budget: int,
+                 vram_budget: int | None, ctx: int, chunks: int, threads: int, imatrix: Path | None,
+                 gptq: Path | None) -> None:
+    """Everything that can be refused from the plan alone, before hours of builds and measurements.
+
+    The budgets are priced without the GGUF header (known only once the BF16 build is written), so
+    a budget refused here is short by at least that much; split_budget checks again with it."""
+    if not types:
+        raise SuggestError("--types names no candidate expert type")
+    for name, value, least in (("--ctx", ctx, 4), ("--chunks", chunks, 1), ("--threads", threads, 1)):
+        if value < least:  # --ctx: llama-perplexity's chunks need 4 tokens (llama_session.chunk_tokens)
+            raise SuggestError(f"{name} must be at least {least}, got {value}")
+    if gptq is not None and not gptq.is_file():
+        raise SuggestError(f"--gptq: covariance file not found: {gptq}")
+    if imatrix is not None:
+        weights = check_against(load_imatrix(imatrix), specs).entries
+        for t in types:  # each candidate is measured with this imatrix on every expert group
+            check_imatrix_coverage(make_plan(specs, get_recipe("bf16", (f"class:routed_expert={t}",))), weights)
+    check_experts_fit(split_budget(specs, bf16_tensor_bytes(specs), ram_budget, vram_budget), groups, types)
 
 
 def allocate(options: Sequence[Option], budget: int, resolution: int = 20_000) -> Allocation:
@@ -297,15 +332,15 @@ def suggest(
     finally:
         checkpoint.close()
     groups = expert_groups(specs, granularity)
+    own_imatrix = Path(imatrix) if imatrix is not None else None
+    check_inputs(specs, groups, types, ram_budget, vram_budget, ctx, chunks, threads, own_imatrix,
+                 Path(gptq) if gptq is not None else None)  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="coder-quant-suggest-", dir=workdir) as tmp:
         ws = _Workspace(Path(source), Path(tmp), text, ctx, chunks, threads)
         report("building the BF16 reference, importance matrix and base distributions")
-        ws.prepare(Path(imatrix) if imatrix is not None else None)
+        ws.prepare(own_imatrix)
         split = split_budget(specs, ws.bf16.stat().st_size, ram_budget, vram_budget)
-        least = sum(min(g.nbytes(t) for t in types) for g in groups)
-        if split.expert_budget < least:
-            raise SuggestError(f"routed experts need at least {least:,} bytes; the RAM budget leaves "
-                               f"{split.expert_budget:,} after {split.fixed_ram:,} bytes of other tensors")  # fmt: skip
+        check_experts_fit(split, groups, types)  # again, now with the real header
         options = [Option(g.name, KEEP, g.nbytes(KEEP), 0.0) for g in groups]  # the reference itself
         for g in groups:
             for t in types:
@@ -334,7 +369,7 @@ def suggest(
             measured, other = (equalized, measured) if equalize else (measured, equalized)
     uniform = best_uniform(options, split.expert_budget)
     return Suggestion(rules, allocation, split, tuple(options), uniform, measured, equalize, other,
-                      rounded, gptq_pair)
+                      rounded, gptq_pair, own_imatrix)
 
 
 def _clearly_lower(a: EvalResult, b: EvalResult) -> bool:

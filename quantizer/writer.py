@@ -2,16 +2,20 @@
 
 Tensor infos and metadata go first (GGUFWriter: header, key/values, tensor infos), then each
 tensor is built, converted or quantized and written in turn, so memory stays bounded by the
-largest tensor. The file is written as OUT.partial, fsynced and renamed; on any error, or
-Ctrl-C, the partial file is removed and nothing appears at OUT.
+largest tensor. The file is written to a temporary file of its own beside OUT (.OUT.XXXXXXXX.partial,
+so that concurrent builds to one OUT never share one), fsynced and renamed; on any error, Ctrl-C or
+SIGTERM, the temporary file is removed and nothing appears at OUT.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import glob
 import hashlib
 import logging
 import os
+import tempfile
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -90,8 +94,41 @@ class WriteResult:
     tensors: int
 
 
-def partial_path(out: Path) -> Path:
-    return out.with_name(out.name + ".partial")
+PARTIAL_SUFFIX = ".partial"
+
+
+def _partial_prefix(out: Path) -> str:
+    # hidden, and named after the output, so that a listing shows whose temporary file it is
+    return f".{out.name}."
+
+
+def partial_paths(out: Path) -> list[Path]:
+    """The temporary files beside `out` of writes to it or to its sidecar: in progress, or left by a
+    process killed outright (SIGKILL, power loss), which no cleanup can reach."""
+    pattern = glob.escape(_partial_prefix(out)) + "*" + PARTIAL_SUFFIX
+    return sorted(out.parent.glob(pattern))
+
+
+def usual_mode() -> int:
+    """The permissions a new file of this user gets (0o666 less the umask), not mkstemp's private 0600."""
+    # the umask can only be read by setting it; a strict value in between loosens nothing meanwhile
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def new_partial(out: Path) -> Path:
+    """A new empty file beside `out`, unique to this write, with the permissions the user's umask gives
+    any new file (not mkstemp's private 0600), which the published file keeps."""
+    fd, name = tempfile.mkstemp(prefix=_partial_prefix(out), suffix=PARTIAL_SUFFIX, dir=out.parent)
+    try:
+        os.fchmod(fd, usual_mode())
+    except BaseException:
+        os.close(fd)
+        os.unlink(name)
+        raise
+    os.close(fd)
+    return Path(name)
 
 
 def sidecar_path(out: Path) -> Path:
@@ -170,21 +207,38 @@ def _build_writer(checkpoint: Checkpoint, arch: ModuleType, entries: Sequence[Pl
     return writer
 
 
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return  # not supported on this platform
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def check_output_path(out: Path) -> None:
+    """Refuse an output no write could publish, in one line; cheap, so callers run it before long work."""
+    if out.is_dir():
+        raise QuantError(f"{out} is a directory (give the path of the file to write)")
+    if not out.parent.exists():
+        raise QuantError(f"{out}: output folder does not exist")
+    if not out.parent.is_dir():
+        raise QuantError(f"{out}: {out.parent} is not a folder")
 
 
-def _write_sidecar(out: Path, digest: str) -> None:
-    side, tmp = sidecar_path(out), partial_path(sidecar_path(out))
+def _new_sidecar(out: Path, digest: str) -> Path:
+    tmp = new_partial(sidecar_path(out))
     tmp.write_text(f"{digest}  {out.name}\n", encoding="utf-8")
-    os.replace(tmp, side)
+    return tmp
+
+
+def _publish(tmp: Path, side_tmp: Path, out: Path, force: bool) -> None:
+    """Rename the finished GGUF, then its sidecar, into place. The folder is locked meanwhile, so that
+    two builds finishing together cannot leave one's GGUF beside the other's digest."""
+    folder = os.open(out.parent, os.O_RDONLY)
+    try:
+        with contextlib.suppress(OSError):  # a file system without flock (some NFS): publish unlocked
+            fcntl.flock(folder, fcntl.LOCK_EX)
+        if out.exists() and not force:  # another build published it while this one was writing
+            raise QuantError(f"{out} exists (use --force to overwrite)")
+        sidecar_path(out).unlink(missing_ok=True)  # never leave a stale digest beside a new file
+        os.replace(tmp, out)
+        with contextlib.suppress(OSError):  # not every file system syncs a folder
+            os.fsync(folder)
+        os.replace(side_tmp, sidecar_path(out))
+    finally:
+        os.close(folder)  # releases the lock
 
 
 def write_gguf(
@@ -203,25 +257,24 @@ def write_gguf(
 ) -> WriteResult:
     """Write `entries` (in order) from `checkpoint` to `out`; all or nothing."""
     out = Path(out)
+    check_output_path(out)
     if out.exists() and not force:
         raise QuantError(f"{out} exists (use --force to overwrite)")
-    if out.is_dir() or not out.parent.is_dir():
-        raise QuantError(f"{out} is not a writable file path")
-    partial = partial_path(out)
     writer = _build_writer(checkpoint, arch, entries, vocab, provenance)
+    partial: Path | None = None
+    side: Path | None = None
     try:
+        partial = new_partial(out)
         digest, size = _stream(writer, partial, checkpoint, arch, entries, imatrix, threads, progress, transform)
-        if out.exists():
-            sidecar_path(out).unlink(missing_ok=True)  # never leave a stale digest beside a new file
-        os.replace(partial, out)
-        _fsync_dir(out.parent)
-        _write_sidecar(out, digest)
+        side = _new_sidecar(out, digest)
+        _publish(partial, side, out, force)
     except BaseException as exc:
         # closing retries a failed flush; the first error is the one to report
         with contextlib.suppress(OSError):
             writer.close()
-        partial.unlink(missing_ok=True)
-        partial_path(sidecar_path(out)).unlink(missing_ok=True)
+        for tmp in (partial, side):
+            if tmp is not None:
+                tmp.unlink(missing_ok=True)  # already renamed into place if publishing got that far
         if isinstance(exc, OSError):  # disk full, permissions...: one line, not a traceback
             raise QuantError(f"I/O error while writing {out}: {exc.strerror or exc}") from exc
         raise

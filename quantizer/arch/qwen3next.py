@@ -17,8 +17,11 @@ import numpy as np
 from gguf import MODEL_ARCH, MODEL_TENSOR, TENSOR_NAMES
 
 from quantizer.arch.base import (
+    HyperParameterError,
     add_text_hparams,
     bf16_to_f32,
+    check_int,
+    check_text_hparams,
     f32_to_bf16,
     quiet_bf16,
     reference_type,
@@ -93,10 +96,39 @@ CONFIG_DEFAULTS: dict[str, Any] = {
 }  # fmt: skip
 
 
+LAYER_TYPES = ("linear_attention", "full_attention")
+
+
+def check_hparams(config: dict[str, Any]) -> None:
+    """Types and ranges of the hyper-parameters (defaults filled in), each refused naming its key:
+    the writer packs them as uint32/float32, and llama.cpp aborts on some (n_expert_used > n_expert)."""
+    for key in (*SHAPE_KEYS, "full_attention_interval"):
+        if key in config and (key != "head_dim" or config[key] is not None):  # head_dim may be null: derived
+            check_int(key, config[key])
+    if config.get("head_dim") is None and config["hidden_size"] // config["num_attention_heads"] < 1:
+        raise HyperParameterError("num_attention_heads", f"({config['num_attention_heads']}) exceeds hidden_size "
+                                  f"({config['hidden_size']}) and head_dim is not given")  # fmt: skip
+    if config["linear_num_value_heads"] % config["linear_num_key_heads"]:
+        raise HyperParameterError("linear_num_value_heads", f"({config['linear_num_value_heads']}) must be a multiple "
+                                  f"of linear_num_key_heads ({config['linear_num_key_heads']})")  # fmt: skip
+    layer_types = config.get("layer_types")
+    if layer_types is not None:
+        if not isinstance(layer_types, list):
+            raise HyperParameterError("layer_types", f"must be a list, got {layer_types!r}")
+        if len(layer_types) != config["num_hidden_layers"]:
+            raise HyperParameterError("layer_types", f"has {len(layer_types)} entries; num_hidden_layers is "
+                                      f"{config['num_hidden_layers']}")  # fmt: skip
+        if bad := next((t for t in layer_types if t not in LAYER_TYPES), None):
+            raise HyperParameterError("layer_types", f"entry {bad!r} is not one of {', '.join(LAYER_TYPES)}")
+    check_text_hparams(config)
+
+
 def hparams(config: dict[str, Any]) -> dict[str, Any]:
     """config.json as the reference sees it: transformers' defaults filled in, and layer_types
-    derived from full_attention_interval when absent (as Qwen3NextConfig does)."""
+    derived from full_attention_interval when absent (as Qwen3NextConfig does). Bad values are
+    refused here (check_hparams), before anything is sized or written from them."""
     out = {**CONFIG_DEFAULTS, **config}
+    check_hparams(out)
     if out.get("layer_types") is None:
         interval = int(out.get("full_attention_interval", 4))
         out["layer_types"] = ["full_attention" if (i + 1) % interval == 0 else "linear_attention"
@@ -157,8 +189,6 @@ def dims_from_config(config: dict[str, Any]) -> Dims:
         n_head = int(config["num_attention_heads"])
         head_dim = int(config.get("head_dim") or config["hidden_size"] // n_head)
         layer_types = config["layer_types"]
-        if len(layer_types) != n_layer:
-            raise CheckpointError(f"config.json: layer_types has {len(layer_types)} entries, expected {n_layer}")
         if config.get("mlp_only_layers"):
             raise CheckpointError("config.json: dense mlp_only_layers are not supported for qwen3next")
         return Dims(

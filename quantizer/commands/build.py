@@ -13,6 +13,7 @@ from tqdm import tqdm
 from quantizer.build import build_gguf
 from quantizer.gptq import SHRINK
 from quantizer.recipes import DEFAULT_RECIPE, PRESETS
+from quantizer.writer import check_output_path
 
 PHASE_LABELS = {"hash": "hashing source", "write": "writing GGUF"}
 
@@ -72,10 +73,19 @@ class _Bars:
             bar.close()
 
 
+def _check_output(source: Path, out: Path) -> None:
+    """Refuse a missing output folder or a directory as output now, not after hashing every source
+    shard (minutes on a large checkpoint)."""
+    if out.is_dir() and source.is_dir() and os.path.samefile(out, source):
+        return  # build_gguf refuses this before hashing too, saying that it is the source
+    check_output_path(out)
+
+
 def run(args: argparse.Namespace) -> int:
     if args.threads < 1:
         print("coder-quant: error: --threads must be at least 1", file=sys.stderr)
         return 2
+    _check_output(args.source, args.out)
     # gguf-py's writer logs its own file plan at INFO; only its warnings matter here
     logging.getLogger("gguf").setLevel(logging.WARNING)
     if args.quiet:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from quantizer.errors import QuantError
 from quantizer.evaluate import EvalResult, evaluate
+from quantizer.llama_session import MAX_CTX
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -21,14 +22,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("base", type=Path, help="reference GGUF (usually the BF16 build)")
     p.add_argument("quant", type=Path, help="GGUF to evaluate")
     p.add_argument("--text", type=Path, required=True, help="evaluation text (UTF-8)")
-    p.add_argument("--ctx", type=int, default=512, help="tokens per chunk (512: llama-perplexity's default)")
+    p.add_argument("--ctx", type=int, default=512, help="tokens per chunk (512: llama-perplexity's default; "
+                   f"at most the models' trained context and {MAX_CTX})")
     p.add_argument("--chunks", type=int, default=None, help="evaluate at most this many chunks (default: all)")
     p.add_argument(
         "--base-logits",
         type=Path,
         default=None,
         metavar="CACHE",
-        help="file of the base model's distributions: read if present (and matching), else written",
+        help="file of the base model's distributions: read if present (and matching), else written "
+        "(its folder must exist)",
     )
     p.add_argument("--json", action="store_true", help="print the figures as one JSON object")
     p.set_defaults(handler=run)

@@ -11,9 +11,9 @@ from tqdm import tqdm
 
 from quantizer.commands.eval import read_text
 from quantizer.commands.suggest import size_argument
-from quantizer.covariance import DEFAULT_LIMIT, CovarianceCollector, write_covariances
+from quantizer.covariance import DEFAULT_LIMIT, CovarianceCollector, stage_covariances
 from quantizer.errors import QuantError
-from quantizer.imatrix import write_imatrix_gguf
+from quantizer.imatrix import publish, stage_imatrix_gguf
 from quantizer.imatrix_collect import collect_imatrix, default_calibration_text
 
 
@@ -53,7 +53,31 @@ def check_output(out: Path, force: bool) -> None:
         raise QuantError(f"{out}: folder {folder} is not writable")
 
 
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether two paths name one file: the same resolved path (existing or not), or one file by two names."""
+    try:
+        if a.resolve() == b.resolve():
+            return True
+    except (OSError, RuntimeError):  # a symlink loop: samefile below says what it can
+        pass
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet)
+        return False
+
+
+def check_distinct(model: Path, output: Path, covariance: Path | None) -> None:
+    """Refuse outputs that would replace the model or each other, even with --force: the rename
+    at the end would leave the model or the importance matrix gone."""
+    for out, flag in ((output, "-o"), (covariance, "--covariance")):
+        if out is not None and _same_file(out, model):
+            raise QuantError(f"{flag} {out} is the model file {model}; choose another output path")
+    if covariance is not None and _same_file(output, covariance):
+        raise QuantError(f"--covariance {covariance} and -o {output} are the same file; choose two paths")
+
+
 def run(args: argparse.Namespace) -> int:
+    check_distinct(args.model, args.output, args.covariance)
     for out in (args.output, args.covariance):
         if out is not None:
             check_output(out, args.force)
@@ -61,7 +85,8 @@ def run(args: argparse.Namespace) -> int:
         text, dataset = read_text(args.text), str(args.text)
     else:
         text, dataset = default_calibration_text()
-    with tqdm(desc="imatrix", unit="chunk", file=sys.stderr, dynamic_ncols=True) as bar:
+    # delay: input refused in the first moments (a text too short for --ctx) shows its line, not an empty bar
+    with tqdm(desc="imatrix", unit="chunk", file=sys.stderr, dynamic_ncols=True, delay=0.5) as bar:
 
         def progress(done: int, total: int) -> None:
             bar.total = total
@@ -75,9 +100,19 @@ def run(args: argparse.Namespace) -> int:
             args.model, text, ctx=args.ctx, max_chunks=args.chunks, process_output=args.process_output,
             progress=progress, collector=collector,
         )  # fmt: skip
-    write_imatrix_gguf(args.output, stats.sums, stats.counts, [dataset], stats.chunk_count, stats.chunk_size)
+    # both files are written in full before either is published, so a failure leaves neither
+    staged: list[tuple[Path, Path]] = []
+    try:
+        staged.append((stage_imatrix_gguf(args.output, stats.sums, stats.counts, [dataset], stats.chunk_count,
+                                          stats.chunk_size), args.output))
+        if collector is not None and args.covariance is not None:
+            staged.append((stage_covariances(args.covariance, collector, dataset, stats.chunk_count),
+                           args.covariance))
+        publish(staged)
+    finally:
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
     print(f"{args.output}: {len(stats.sums)} matrices, {stats.chunk_count} chunks of {stats.chunk_size} tokens")
     if collector is not None and args.covariance is not None:
-        write_covariances(args.covariance, collector, dataset, stats.chunk_count)
         print(f"{args.covariance}: input covariances of {len(collector.covariances or {})} routed expert tensors")
     return 0

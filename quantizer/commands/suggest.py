@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -36,7 +37,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--vram-budget", type=size_argument, default=None, metavar="SIZE",
                    help="GPU memory: attention, SSM and shared-expert tensors go there, routed experts stay in RAM")
     p.add_argument("--text", type=Path, default=None, help="calibration text (default: Python stdlib sources)")
-    p.add_argument("--imatrix", type=Path, default=None, help="importance matrix to use (default: collect one)")
+    p.add_argument("--imatrix", type=Path, default=None,
+                   help="importance matrix to use (default: collect one for the measurements, not kept)")
     p.add_argument("--ctx", type=int, default=512, help="tokens per chunk")
     p.add_argument("--chunks", type=int, default=32, help="chunks scored per measurement (default 32)")
     p.add_argument("--granularity", choices=("kind", "layer"), default="layer",
@@ -53,8 +55,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=run)  # fmt: skip
 
 
-def render(s: Suggestion) -> str:
-    """Budgets, the measured sensitivity table with the choice marked, prediction and measurement."""
+def imatrix_note(s: Suggestion, ctx: int, text: Path | None) -> list[str]:
+    """Where the build's --imatrix comes from: the caller's file, or how to remake the one suggest
+    collected (on the BF16 build, over the same text and --ctx) and deleted with its scratch folder."""
+    if s.imatrix is not None:
+        return []
+    text_flag = f" --text {shlex.quote(str(text))}" if text is not None else ""
+    return ["", "IMATRIX.gguf: the measurements used an importance matrix suggest collected and did not keep; "
+            "make one the same way with `coder-quant build SRC_DIR BF16.gguf --recipe bf16` and "
+            f"`coder-quant imatrix BF16.gguf -o IMATRIX.gguf --ctx {ctx}{text_flag}`, "
+            "or collect one first and pass it to suggest with --imatrix"]
+
+
+def render(s: Suggestion, ctx: int = 512, text: Path | None = None) -> str:
+    """Budgets, the measured sensitivity table with the choice marked, prediction and measurement.
+
+    `ctx` and `text` are suggest's, to tell how to remake the importance matrix it collected."""
     chosen = dict(s.allocation.choice)
     types = list(dict.fromkeys(o.type for o in s.options))
     kld = {(o.group, o.type): o.kld for o in s.options}
@@ -91,7 +107,8 @@ def render(s: Suggestion) -> str:
     lines += ["", "measured on the calibration text" + (f" (with {' '.join(extra)}):" if extra else ":"),
               format_result(s.measured)]
     rules = " ".join(f"--rule '{r}'" for r in s.rules)
-    flags = " ".join(["--imatrix IMATRIX.gguf", *extra])
+    flags = " ".join([f"--imatrix {shlex.quote(str(s.imatrix)) if s.imatrix else 'IMATRIX.gguf'}", *extra])
+    lines += imatrix_note(s, ctx, text)
     lines += ["", f"build: coder-quant build SRC_DIR OUT.gguf --recipe bf16 {flags} {rules}"]
     return "\n".join(lines)
 
@@ -119,5 +136,5 @@ def run(args: argparse.Namespace) -> int:
         try_equalize=args.try_equalize,
         gptq=args.gptq,
     )
-    print(render(result))
+    print(render(result, args.ctx, args.text))
     return 0

@@ -5,12 +5,26 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 from pathlib import Path
 
 from tqdm import tqdm
 
+from quantizer.build import checkpoint_specs
+from quantizer.source import open_checkpoint
 from quantizer.verify import VerifyReport, verify_gguf
+
+
+def rms_bound(text: str) -> float:
+    """argparse type for --max-rms: a finite number above 0 (a NaN bound fails every quantized tensor)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number above 0, got {text}")
+    return value
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -26,7 +40,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("source", type=Path, metavar="SRC_DIR", help="Hugging Face checkpoint folder")
     p.add_argument("gguf", type=Path, metavar="OUT.gguf", help="GGUF built from it")
-    p.add_argument("--max-rms", type=float, default=None, metavar="X",
+    p.add_argument("--max-rms", type=rms_bound, default=None, metavar="X",
                    help="fail a quantized tensor whose relative RMS error exceeds X, whatever its type "
                    "(default: a bound per type, about 2.5x the error llama.cpp's quantizer gives)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or table; only the verdict")
@@ -63,7 +77,18 @@ def summary(report: VerifyReport) -> str:
             f"sha256 sidecar {report.sidecar}")
 
 
+def check_source(source: Path) -> None:
+    """Read the checkpoint's config.json and tensor names first: verify_gguf hashes the whole GGUF
+    (minutes for a large one) before it reads the source, and a config that cannot work is refused."""
+    checkpoint = open_checkpoint(source)
+    try:
+        checkpoint_specs(checkpoint)
+    finally:
+        checkpoint.close()
+
+
 def run(args: argparse.Namespace) -> int:
+    check_source(args.source)
     if args.quiet:
         logging.getLogger().setLevel(logging.WARNING)
     bar: tqdm | None = None

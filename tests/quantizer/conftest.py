@@ -22,3 +22,12 @@ def build_reference(tmp_path_factory: pytest.TempPathFactory, reference_model: P
 @pytest.fixture(scope="session")
 def reference_bf16(tmp_path_factory: pytest.TempPathFactory, reference_model: Path) -> Path:
     return build_reference(tmp_path_factory, reference_model, "bf16")
+
+
+def write_calibration(folder: Path, chars: int) -> Path:
+    """The first `chars` characters of the default calibration text, as a --text file."""
+    from quantizer.imatrix_collect import default_calibration_text
+
+    path = folder / "calibration.txt"
+    path.write_text(default_calibration_text()[0][:chars], encoding="utf-8")
+    return path

@@ -20,7 +20,7 @@ from quantizer.errors import CheckpointError
 from quantizer.imatrix import write_imatrix_gguf
 from quantizer.inspect import digest
 from quantizer.source import open_checkpoint
-from quantizer.writer import KEY_PREFIX, partial_path, sidecar_path
+from quantizer.writer import KEY_PREFIX, partial_paths, sidecar_path
 from tests.quantizer.test_source import safetensors_bytes
 
 DIGEST = Path(__file__).resolve().parent.parent / "data" / "reference-bf16-digest.json"
@@ -122,7 +122,7 @@ def test_provenance_and_sidecar(bf16_build: Path, reference_model: Path) -> None
     assert hashes[shard.name] == hashlib.sha256(shard.read_bytes()).hexdigest()
     side = sidecar_path(bf16_build).read_text()
     assert side == f"{hashlib.sha256(bf16_build.read_bytes()).hexdigest()}  {bf16_build.name}\n"
-    assert not partial_path(bf16_build).exists()
+    assert partial_paths(bf16_build) == []
 
 
 def _relayout(reference_model: Path, dest: Path, *, fused: bool, dtype: str, mtp: bool = False) -> Path:

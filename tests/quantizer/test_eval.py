@@ -10,14 +10,9 @@ import numpy as np
 import pytest
 
 from quantizer.cli import main
-from quantizer.evaluate import (
-    EvalError,
-    _percentile,
-    chunk_tokens,
-    encode_base,
-    evaluate,
-    score_chunk,
-)
+from quantizer.errors import EvalError
+from quantizer.evaluate import _percentile, encode_base, evaluate, score_chunk
+from quantizer.llama_session import chunk_tokens
 from tests.quantizer.conftest import build_reference
 
 CTX = 256

@@ -21,6 +21,7 @@ from quantizer.imatrix_collect import (
     weight_name,
 )
 from quantizer.source import open_checkpoint
+from tests.quantizer.conftest import write_calibration
 
 CTX = 256
 CHUNKS = 4
@@ -53,10 +54,7 @@ def bf16(reference_bf16: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def calibration(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    text, _ = default_calibration_text()
-    path = tmp_path_factory.mktemp("calibration") / "stdlib.txt"
-    path.write_text(text[:200_000], encoding="utf-8")
-    return path
+    return write_calibration(tmp_path_factory.mktemp("calibration"), 200_000)
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +90,7 @@ def test_file_is_llama_imatrix_gguf(imatrix_file: Path, reference_model: Path) -
     assert reader.get_field("general.type").contents() == "imatrix"
     assert reader.get_field("imatrix.chunk_count").contents() == 16
     assert reader.get_field("imatrix.chunk_size").contents() == CTX
-    assert reader.get_field("imatrix.datasets").contents()[0].endswith("stdlib.txt")
+    assert reader.get_field("imatrix.datasets").contents()[0].endswith("calibration.txt")
     tensors = {t.name: t for t in reader.tensors}
     names = [t.name for t in reader.tensors]
     assert names == sorted(names, key=lambda n: n.rsplit(".", 1)[0])  # llama-imatrix sorts by weight name
