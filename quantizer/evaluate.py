@@ -39,6 +39,7 @@ import numpy as np
 
 from quantizer.errors import EvalError
 from quantizer.llama_session import LlamaSession
+from quantizer.writer import new_partial, sync_complete
 
 log = logging.getLogger(__name__)
 
@@ -299,8 +300,8 @@ def write_base_cache(session: LlamaSession, text: str, max_chunks: int | None, o
         n_chunk=len(chunks),
         add_bos=session.add_bos,
     )
-    partial = out.with_name(out.name + ".partial")
     try:
+        partial = new_partial(out)  # its own file: two runs writing one cache never mix their chunks
         f = partial.open("wb")
     except OSError as exc:
         raise EvalError(f"cannot write base-logits cache {out}: {exc.strerror or exc}") from None
@@ -311,11 +312,7 @@ def write_base_cache(session: LlamaSession, text: str, max_chunks: int | None, o
                 logits = session.decode_chunk(chunk, first=ctx // 2)[:-1]
                 _write_chunk(f, encode_base(logits, scored_targets(chunk)))
                 log.debug("base chunk %d/%d", i + 1, len(chunks))
-            f.flush()
-            os.fsync(f.fileno())
-            size, on_disk = f.tell(), os.fstat(f.fileno()).st_size
-            if on_disk != size:  # as quantizer.writer: never publish fewer bytes than were written
-                raise EvalError(f"short write: {partial} has {on_disk} bytes on disk, {size} were written")
+            sync_complete(f, partial)
         os.replace(partial, out)
     except BaseException as exc:
         partial.unlink(missing_ok=True)

@@ -21,7 +21,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Protocol
+from typing import BinaryIO, Protocol
 
 import gguf
 import numpy as np
@@ -129,6 +129,17 @@ def new_partial(out: Path) -> Path:
         raise
     os.close(fd)
     return Path(name)
+
+
+def sync_complete(f: BinaryIO, path: Path) -> int:
+    """Flush and fsync `f` (open on `path`) and return its size; a file shorter on disk than what was
+    written to it (a file-size limit met in the last buffered bytes) is an error, never published."""
+    f.flush()
+    os.fsync(f.fileno())
+    size, on_disk = f.tell(), os.fstat(f.fileno()).st_size
+    if on_disk != size:
+        raise QuantError(f"short write: {path.name} has {on_disk} bytes on disk, {size} were written")
+    return size
 
 
 def sidecar_path(out: Path) -> Path:
@@ -312,10 +323,6 @@ def _stream(writer: gguf.GGUFWriter, partial: Path, checkpoint: Checkpoint, arch
         done += entry.nbytes
         if progress is not None:
             progress("write", done, total)
-    fout.flush()
-    os.fsync(fout.fileno())
-    size, on_disk = fout.tell(), os.fstat(fout.fileno()).st_size
-    if on_disk != size:  # the digest is of the bytes meant to be there: never publish it over fewer
-        raise QuantError(f"short write: {partial.name} has {on_disk} bytes on disk, {size} were written")
+    size = sync_complete(fout, partial)  # the digest is of the bytes meant to be there
     writer.close()
     return digest.hexdigest(), size

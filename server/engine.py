@@ -466,9 +466,10 @@ class Engine:
                     lp = token_logprob(llama.ctx, info.n_vocab, token, p.top_logprobs, self.piece)
                     logprobs.append(replace(lp, offset=text.decoded))
                 out = text.push(piece)
-                # A token's logprob goes out with the text it begins in; a stop string's tokens never do.
-                ready = [lp for lp in logprobs if lp.offset < text.released]
-                logprobs = [] if text.stopped else logprobs[len(ready):]
+                ready: list[TokenLogprob] = []
+                if logprobs:  # a logprob goes out with the text its token begins in; a stop string's never
+                    ready = [lp for lp in logprobs if lp.offset < text.released]
+                    logprobs = [] if text.stopped else logprobs[len(ready):]
                 if out or ready:
                     job.emit(TextDelta(out, tuple(ready)))
                 if text.stopped:
