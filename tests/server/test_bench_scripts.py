@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -176,3 +177,11 @@ def test_decode_drift_refuses_bad_counts_and_files(test_gguf: Path, tmp_path: Pa
     done = run("bench/decode_drift.py", str(bad), "--out", str(tmp_path))
     assert done.returncode == 2 and "not a readable GGUF" in done.stderr and "Traceback" not in done.stderr
     assert not (tmp_path / "drift.json").exists()
+
+
+def test_large_request_reports_the_stream_gap_beside_the_request(server: Any) -> None:
+    large = bench_module("large_request")
+    result = large.measure(server.url, messages=2_000, max_tokens=64, lead=0.5)
+    assert result["status"] == 400 and result["messages"] == 2_000  # refused for the context once read
+    assert result["chunks"] > 0 and result["median_gap_s"] is not None
+    assert 0 <= result["longest_gap_during_request_s"] <= result["request_s"] + 1
